@@ -1,0 +1,50 @@
+"""What the domain refuses, as exceptions the adapters turn into answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    """A request the rules refuse. `code` is stable; `detail` is for people."""
+
+    code = "invalid_request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidRequest(DomainError):
+    code = "invalid_request"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class UnknownSku(DomainError):
+    code = "unknown_sku"
+
+
+class InsufficientStock(DomainError):
+    code = "insufficient_stock"
+
+    def __init__(self, sku: str, available: int) -> None:
+        super().__init__(f"only {available} of {sku} available", sku=sku, available=available)
+
+
+class Conflict(DomainError):
+    code = "conflict"
+
+
+class ProviderError(DomainError):
+    """The payment provider failed or refused; nothing was left half done."""
+
+    code = "provider_error"
+
+
+class PaymentNotFound(Exception):
+    """An event names a payment this database does not have (yet): the checkout
+    that created it may not have committed, so the event is retried."""

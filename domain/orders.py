@@ -1,0 +1,187 @@
+"""Orders: placing one, and what a payment outcome makes of it.
+
+Services here take a session and never commit: the adapter that opened the
+unit of work commits it, so a rule's effects and its marks land together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from domain import payments, stock
+from domain.errors import InvalidRequest, NotFound, UnknownSku
+from domain.models import Order, OrderLine, OrderTransition, Payment, Product
+
+
+@dataclass(frozen=True)
+class PlaceOrder:
+    lines: tuple[stock.Line, ...]
+    provider: str
+    currency: str
+    customer_email: str | None = None
+    customer_phone: str | None = None
+
+
+def place_order(session: Session, command: PlaceOrder, payment_window: timedelta) -> tuple[Order, Payment]:
+    """Create the order, its lines, its payment and hold its stock."""
+    skus = [sku for sku, _ in command.lines]
+    products = {p.sku: p for p in session.scalars(select(Product).where(Product.sku.in_(skus)))}
+    for sku in skus:
+        if sku not in products:
+            raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
+        if products[sku].currency != command.currency:
+            raise InvalidRequest(
+                f"{sku} is priced in {products[sku].currency}, not {command.currency}", sku=sku
+            )
+    total = sum(products[sku].price * quantity for sku, quantity in command.lines)
+    order = Order(
+        id=uuid.uuid4(),
+        status="pending_payment",
+        currency=command.currency,
+        total_amount=total,
+        customer_email=command.customer_email,
+        customer_phone=command.customer_phone,
+        expires_at=datetime.now(UTC) + payment_window,
+    )
+    session.add(order)
+    session.flush()
+    for sku, quantity in command.lines:
+        session.add(OrderLine(order_id=order.id, sku=sku, quantity=quantity, unit_price=products[sku].price))
+    stock.reserve(session, order.id, command.lines)
+    payment = Payment(
+        id=uuid.uuid4(),
+        order_id=order.id,
+        provider=command.provider,
+        status="pending",
+        amount=total,
+        currency=command.currency,
+    )
+    session.add(payment)
+    _log(session, order.id, "order", None, "pending_payment", "checkout")
+    session.flush()
+    return order, payment
+
+
+def attach_provider_payment(session: Session, payment_id: uuid.UUID, provider_payment_id: str) -> None:
+    payment = session.get_one(Payment, payment_id, with_for_update=True)
+    payment.provider_payment_id = provider_payment_id
+
+
+def abandon_checkout(session: Session, order_id: uuid.UUID, reason: str) -> None:
+    """The provider could not start the payment: give the stock back and
+    close the order, so nothing stays reserved for a payment that never was."""
+    # Payment before order: the same lock order as the event path.
+    payment = _payment_of(session, order_id)
+    order = session.get_one(Order, order_id, with_for_update=True)
+    stock.release(session, order_id)
+    _move_payment(session, order, payment, "failed", reason, None)
+    _move_order(session, order, "failed", reason, None)
+
+
+def apply_payment_status(
+    session: Session, payment: Payment, target: str, *, reason: str, event_id: int | None = None
+) -> bool:
+    """Move a locked payment toward `target` and apply what that means for
+    its order and stock. Returns False (and changes nothing) when the move
+    would go backwards or nowhere: a replay or a late event."""
+    steps = payments.path_to(payment.status, target)
+    if not steps:
+        return False
+    order = session.get_one(Order, payment.order_id, with_for_update=True)
+    for status in steps:
+        _move_payment(session, order, payment, status, reason, event_id)
+        _ORDER_EFFECTS.get(status, _no_effect)(session, order, reason, event_id)
+    return True
+
+
+def _on_succeeded(session: Session, order: Order, reason: str, event_id: int | None) -> None:
+    reference = str(order.id)
+    if order.status == "pending_payment":
+        stock.sell_reserved(session, order.id, reference)
+        _move_order(session, order, "paid", reason, event_id)
+        return
+    # The order expired (or failed) before the money arrived: its reservation
+    # is gone, so take the units again if they are there. The money record is
+    # kept either way; an order that cannot be filled needs a person.
+    lines = [(line.sku, line.quantity) for line in order.lines]
+    if order.status in {"expired", "failed", "canceled"}:
+        if stock.sell_unreserved(session, lines, reference):
+            _move_order(session, order, "paid", f"{reason}; paid after {order.status}", event_id)
+        else:
+            _move_order(
+                session, order, "needs_attention", f"{reason}; stock gone after {order.status}", event_id
+            )
+
+
+def _on_canceled(session: Session, order: Order, reason: str, event_id: int | None) -> None:
+    if order.status == "pending_payment":
+        stock.release(session, order.id)
+        _move_order(session, order, "canceled", reason, event_id)
+
+
+def _on_refunded(session: Session, order: Order, reason: str, event_id: int | None) -> None:
+    # Money went back; goods only come back through a return.
+    _move_order(session, order, "refunded", reason, event_id)
+
+
+def _no_effect(session: Session, order: Order, reason: str, event_id: int | None) -> None:
+    return None
+
+
+# What reaching each payment status does to the order. `failed` and
+# `processing` have no effect on purpose: a failed card is not final at
+# Stripe, so the reservation is kept until the payment window ends.
+_ORDER_EFFECTS = {
+    "succeeded": _on_succeeded,
+    "canceled": _on_canceled,
+    "refunded": _on_refunded,
+}
+
+
+def _move_payment(
+    session: Session, order: Order, payment: Payment, status: str, reason: str, event_id: int | None
+) -> None:
+    _log(session, order.id, "payment", payment.status, status, reason, event_id)
+    payment.status = status
+    payment.updated_at = datetime.now(UTC)
+
+
+def _move_order(session: Session, order: Order, status: str, reason: str, event_id: int | None) -> None:
+    if order.status == status:
+        return
+    _log(session, order.id, "order", order.status, status, reason, event_id)
+    order.status = status
+    order.updated_at = datetime.now(UTC)
+
+
+def _log(
+    session: Session,
+    order_id: uuid.UUID,
+    subject: str,
+    before: str | None,
+    after: str,
+    reason: str,
+    event_id: int | None = None,
+) -> None:
+    session.add(
+        OrderTransition(
+            order_id=order_id,
+            subject=subject,
+            from_status=before,
+            to_status=after,
+            reason=reason,
+            event_id=event_id,
+        )
+    )
+
+
+def _payment_of(session: Session, order_id: uuid.UUID) -> Payment:
+    payment = session.scalars(select(Payment).where(Payment.order_id == order_id).with_for_update()).first()
+    if payment is None:
+        raise NotFound(f"order {order_id} has no payment")
+    return payment

@@ -1,0 +1,138 @@
+"""Stock: reservations, sales and the ledger.
+
+`0 <= reserved <= on_hand` is a CHECK in the database; every change here is a
+single conditional UPDATE, so two racing transactions can never both take the
+last unit, and a replayed change finds its precondition gone and does nothing.
+Every change of `on_hand` writes a movement in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from domain.errors import InsufficientStock, UnknownSku
+from domain.models import Product, StockMovement, StockReservation
+
+Line = tuple[str, int]  # (sku, quantity)
+
+
+def reserve(session: Session, order_id: uuid.UUID, lines: Iterable[Line]) -> None:
+    """Hold units for an order, or raise InsufficientStock holding none
+    (the caller's transaction rolls back)."""
+    # Sorted, so two orders reserving the same SKUs lock them in one order.
+    for sku, quantity in sorted(lines):
+        taken = session.execute(
+            update(Product)
+            .where(Product.sku == sku, Product.on_hand - Product.reserved >= quantity)
+            .values(reserved=Product.reserved + quantity, updated_at=func.now())
+            .returning(Product.sku)
+        ).first()
+        if taken is None:
+            raise InsufficientStock(sku, available(session, sku))
+        session.add(StockReservation(order_id=order_id, sku=sku, quantity=quantity, status="active"))
+    session.flush()
+
+
+def available(session: Session, sku: str) -> int:
+    row = session.execute(select(Product.on_hand - Product.reserved).where(Product.sku == sku)).first()
+    if row is None:
+        raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
+    return int(row[0])
+
+
+def _close_reservations(session: Session, order_id: uuid.UUID, status: str) -> list[Line]:
+    """Move the order's active reservations to `status`, once: a second call
+    finds none active and returns nothing."""
+    rows = session.execute(
+        update(StockReservation)
+        .where(StockReservation.order_id == order_id, StockReservation.status == "active")
+        .values(status=status, closed_at=func.now())
+        .returning(StockReservation.sku, StockReservation.quantity)
+    ).all()
+    return sorted((sku, quantity) for sku, quantity in rows)
+
+
+def release(session: Session, order_id: uuid.UUID) -> list[Line]:
+    """Give the order's reserved units back to the shelf."""
+    released = _close_reservations(session, order_id, "released")
+    for sku, quantity in released:
+        session.execute(
+            update(Product)
+            .where(Product.sku == sku)
+            .values(reserved=Product.reserved - quantity, updated_at=func.now())
+        )
+    return released
+
+
+def sell_reserved(session: Session, order_id: uuid.UUID, reference: str) -> list[Line]:
+    """Turn the order's reserved units into a sale: on_hand and reserved both
+    drop, one `sale` movement per line."""
+    sold = _close_reservations(session, order_id, "consumed")
+    for sku, quantity in sold:
+        before, after = _take(session, sku, quantity, from_reserved=True)
+        _record(session, sku, "sale", after - before, before, reference, "order paid")
+    return sold
+
+
+def sell_unreserved(session: Session, lines: Iterable[Line], reference: str) -> bool:
+    """Sell units straight from what is available (a payment that succeeded
+    after its reservation was released). All lines or none: returns False and
+    changes nothing when any line is short."""
+    wanted = sorted(lines)
+    locked = session.execute(
+        select(Product.sku, Product.on_hand - Product.reserved)
+        .where(Product.sku.in_([sku for sku, _ in wanted]))
+        .order_by(Product.sku)
+        .with_for_update()
+    ).all()
+    free = {sku: int(units) for sku, units in locked}
+    if any(free.get(sku, 0) < quantity for sku, quantity in wanted):
+        return False
+    for sku, quantity in wanted:
+        before, after = _take(session, sku, quantity, from_reserved=False)
+        _record(session, sku, "sale", after - before, before, reference, "paid after expiry")
+    return True
+
+
+def _take(session: Session, sku: str, quantity: int, *, from_reserved: bool) -> tuple[int, int]:
+    values = {"on_hand": Product.on_hand - quantity, "updated_at": func.now()}
+    if from_reserved:
+        values["reserved"] = Product.reserved - quantity
+    row = session.execute(
+        update(Product).where(Product.sku == sku).values(values).returning(Product.on_hand)
+    ).one()
+    after = int(row[0])
+    return after + quantity, after
+
+
+def set_on_hand(session: Session, sku: str, on_hand: int, reason: str) -> None:
+    """Set a SKU's on_hand (the product row must be locked by the caller),
+    writing a `restock` for an increase and an `adjustment` for a decrease."""
+    product = session.get_one(Product, sku)
+    before = product.on_hand
+    if on_hand == before:
+        return
+    product.on_hand = on_hand
+    session.flush()  # the CHECK refuses on_hand below reserved here, before any movement
+    kind = "restock" if on_hand > before else "adjustment"
+    _record(session, sku, kind, on_hand - before, before, None, reason)
+
+
+def _record(
+    session: Session, sku: str, kind: str, quantity: int, before: int, reference: str | None, reason: str
+) -> None:
+    session.add(
+        StockMovement(
+            sku=sku,
+            type=kind,
+            quantity=quantity,
+            on_hand_before=before,
+            on_hand_after=before + quantity,
+            reference=reference,
+            reason=reason,
+        )
+    )

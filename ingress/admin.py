@@ -1,0 +1,96 @@
+"""The admin API, behind `Authorization: Bearer $ADMIN_TOKEN`."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import falcon
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import catalog
+from domain.errors import InvalidRequest
+from ingress.errors import ApiError
+from ingress.parsing import json_object, required
+
+MAX_BODY = 64 * 1024
+
+
+class AdminAuth:
+    """Middleware: every /admin path needs the bearer token. The comparison is
+    constant-time, and an unset ADMIN_TOKEN refuses everyone."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode() if token else None
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not req.path.startswith("/admin"):
+            return
+        given = (req.get_header("Authorization") or "").encode()
+        if self._expected is None or not hmac.compare_digest(given, self._expected):
+            raise ApiError(falcon.HTTP_401, "unauthorized", "a valid admin bearer token is required")
+
+
+def _non_negative(body: dict[str, Any], name: str, default: int | None = None) -> int:
+    if default is not None and body.get(name) is None:
+        return default
+    value = required(body, name, int)
+    if value < 0:
+        raise InvalidRequest(f"{name!r} must not be negative")
+    return value
+
+
+def parse_product(sku: str, body: dict[str, Any]) -> catalog.PutProduct:
+    if not sku or len(sku) > 64:
+        raise InvalidRequest("a SKU is 1 to 64 characters")
+    currency = required(body, "currency", str)
+    if len(currency) != 3 or not currency.isalpha():
+        raise InvalidRequest(f"currency must be a 3-letter ISO code, got {currency!r}")
+    return catalog.PutProduct(
+        sku=sku,
+        name=required(body, "name", str),
+        price=_non_negative(body, "price"),
+        currency=currency.upper(),
+        on_hand=_non_negative(body, "on_hand"),
+        low_stock_threshold=_non_negative(body, "low_stock_threshold", default=0),
+    )
+
+
+class Products:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
+        command = parse_product(sku, json_object(req, MAX_BODY))
+        with self._sessions() as session:
+            view, created = catalog.put_product(session, command)
+            session.commit()
+        resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
+        resp.media = view
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
+        with self._sessions() as session:
+            resp.media = catalog.get_product(session, sku)
+
+
+class Orders:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, order_id: str) -> None:
+        with self._sessions() as session:
+            resp.media = catalog.order_view(session, order_id)
+
+
+class Events:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = req.get_param_as_int("limit", min_value=1, max_value=500, default=50)
+        with self._sessions() as session:
+            resp.media = {
+                "events": catalog.list_events(
+                    session, provider=req.get_param("provider"), status=req.get_param("status"), limit=limit
+                )
+            }

@@ -1,0 +1,71 @@
+"""The Falcon app. `create_app` takes its collaborators; `get_app` reads the
+configuration and is what gunicorn loads (`ingress.app:get_app()`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import falcon
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain.gateways import StripeApiGateway, StripeGateway
+from ingress import errors
+from ingress.admin import AdminAuth, Events, Orders, Products
+from ingress.checkout import Checkout
+from ingress.health import Healthz, Metrics, Readyz
+from ingress.webhooks import EventInbox, StripeWebhook
+from payfleet.config import Settings, load_settings
+from payfleet.db import make_engine, make_sessions
+from workers.broker import build_broker
+from workers.publisher import EventPublisher
+
+
+@dataclass(frozen=True)
+class Collaborators:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    publisher: EventPublisher
+    stripe: StripeGateway
+    broker_parameters: object
+
+
+def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
+    s = c.settings
+    app = falcon.App(middleware=[AdminAuth(s.admin_token)])
+    errors.install(app)
+    inbox = EventInbox(c.sessions, c.publisher)
+    app.add_route(
+        "/webhooks/stripe",
+        StripeWebhook(inbox, s.stripe_webhook_secrets, s.webhook_tolerance_seconds, s.max_body_bytes),
+    )
+    window = timedelta(seconds=s.order_payment_window_seconds)
+    app.add_route("/checkout", Checkout(c.sessions, c.stripe, window, s.max_body_bytes))
+    app.add_route("/admin/products/{sku}", Products(c.sessions))
+    app.add_route("/admin/orders/{order_id}", Orders(c.sessions))
+    app.add_route("/admin/events", Events(c.sessions))
+    app.add_route("/healthz", Healthz())
+    app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
+    app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))
+    return app
+
+
+def collaborators(settings: Settings) -> Collaborators:
+    engine = make_engine(settings.database_url)
+    broker = build_broker(settings)
+    return Collaborators(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessions(engine),
+        publisher=EventPublisher(broker),
+        stripe=StripeApiGateway(
+            settings.stripe_api_key, settings.stripe_api_base, timeout=settings.stripe_timeout_seconds
+        ),
+        broker_parameters=broker.parameters,
+    )
+
+
+def get_app() -> falcon.App[falcon.Request, falcon.Response]:
+    return create_app(collaborators(load_settings()))

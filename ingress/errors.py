@@ -1,0 +1,82 @@
+"""Every failure becomes `{"error": code, "detail": text}` here, in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import falcon
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from domain.errors import (
+    Conflict,
+    DomainError,
+    InsufficientStock,
+    InvalidRequest,
+    NotFound,
+    ProviderError,
+    UnknownSku,
+)
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    InvalidRequest: falcon.HTTP_400,
+    UnknownSku: falcon.HTTP_400,
+    NotFound: falcon.HTTP_404,
+    InsufficientStock: falcon.HTTP_409,
+    Conflict: falcon.HTTP_409,
+    ProviderError: falcon.HTTP_502,
+}
+
+
+class ApiError(falcon.HTTPError):
+    """An HTTP error with payfleet's body: a stable code and a detail."""
+
+    def __init__(self, status: str, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(status, title=code, description=detail)
+        self.error_code = code
+        self.extra = extra
+
+    def to_dict(self, obj_type: Any = dict) -> Any:
+        return {"error": self.error_code, "detail": self.description, **self.extra}
+
+
+def _domain_error(req: falcon.Request, resp: falcon.Response, error: DomainError, params: Any) -> None:
+    status = next((s for kind, s in _STATUS.items() if isinstance(error, kind)), falcon.HTTP_400)
+    raise ApiError(status, error.code, error.detail, **error.extra)
+
+
+def _database_down(req: falcon.Request, resp: falcon.Response, error: DBAPIError, params: Any) -> None:
+    # Only a lost or refused connection is "unavailable"; any other database
+    # error is a bug and stays a 500.
+    if isinstance(error, OperationalError) or error.connection_invalidated:
+        log.error("database unavailable: %s", error.orig)
+        raise ApiError(falcon.HTTP_503, "database_unavailable", "PostgreSQL is unavailable; retry later")
+    raise error
+
+
+def _unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params: Any) -> None:
+    if isinstance(error, falcon.HTTPError):
+        raise error
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    raise ApiError(falcon.HTTP_500, "internal_error", "unexpected error; see the ingress log")
+
+
+def _serialize(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
+    body = error.to_dict() if isinstance(error, ApiError) else _from_falcon(error)
+    resp.media = body
+    resp.content_type = falcon.MEDIA_JSON
+
+
+def _from_falcon(error: falcon.HTTPError) -> dict[str, Any]:
+    code = (error.title or "error").lower().replace(" ", "_")
+    return {"error": code, "detail": error.description or error.title}
+
+
+def install(app: falcon.App[falcon.Request, falcon.Response]) -> None:
+    # Falcon picks the most specific handler for each exception type.
+    app.add_error_handler(Exception, _unexpected)
+    app.add_error_handler(DBAPIError, _database_down)
+    app.add_error_handler(DomainError, _domain_error)
+    app.set_error_serializer(_serialize)

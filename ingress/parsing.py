@@ -1,0 +1,52 @@
+"""Reading request bodies: bounded, then strictly shaped."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+import falcon
+
+from ingress.errors import ApiError
+
+T = TypeVar("T")
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes without reading them all."""
+    if req.content_length is not None and req.content_length > limit:
+        raise _too_large(limit)
+    body = req.bounded_stream.read(limit + 1)
+    if len(body) > limit:
+        raise _too_large(limit)
+    return body
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(falcon.HTTP_413, "body_too_large", f"body is over the {limit}-byte limit")
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ApiError(falcon.HTTP_400, "malformed_body", f"body is not valid JSON: {error}") from None
+
+
+def json_object(req: falcon.Request, limit: int) -> dict[str, Any]:
+    document = parse_json(read_body(req, limit))
+    if not isinstance(document, dict):
+        raise ApiError(falcon.HTTP_400, "malformed_body", "body must be a JSON object")
+    return document
+
+
+def required(document: dict[str, Any], name: str, kind: type[T]) -> T:
+    value = document.get(name)
+    # bool is an int in Python; a quantity of `true` is still malformed.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(falcon.HTTP_400, "invalid_request", f"{name!r} must be a {kind.__name__}")
+    return value
+
+
+def optional(document: dict[str, Any], name: str, kind: type[T]) -> T | None:
+    return None if document.get(name) is None else required(document, name, kind)

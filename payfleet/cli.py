@@ -1,0 +1,127 @@
+"""The `payfleet` command: one entry point for every process of the fleet."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from payfleet.config import ConfigError, Settings, load_settings
+from payfleet.db import migrate
+
+QUEUES = ("payments",)
+
+
+def _ingress(settings: Settings, args: argparse.Namespace) -> int:
+    command = [
+        sys.executable, "-m", "gunicorn",
+        "--config", "python:ingress.gunicorn_conf",
+        "--bind", args.bind,
+        "ingress.app:get_app()",
+    ]  # fmt: skip
+    os.execv(sys.executable, command)
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    command = [
+        sys.executable, "-m", "dramatiq", "workers.main",
+        "--processes", str(args.processes),
+        "--threads", str(args.threads),
+        "--queues", *QUEUES,
+    ]  # fmt: skip
+    os.execv(sys.executable, command)
+
+
+def _scheduler(settings: Settings, args: argparse.Namespace) -> int:
+    from schedules.scheduler import main
+
+    main(settings)
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    migrate(settings.database_url)
+    print("database migrated to the latest revision")
+    return 0
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> int:
+    """The whole fleet in the foreground: migrate, then ingress, worker and
+    scheduler as child processes. Ctrl-C (or any child dying) stops them all."""
+    migrate(settings.database_url)
+    me = [sys.executable, "-m", "payfleet.cli"]
+    children = [
+        subprocess.Popen([*me, "ingress", "--bind", args.bind]),
+        subprocess.Popen([*me, "worker", "--processes", str(args.processes), "--threads", str(args.threads)]),
+        subprocess.Popen([*me, "scheduler"]),
+    ]
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    return _stop_all(children)
+
+
+def _stop_all(children: Sequence[subprocess.Popen[bytes]]) -> int:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return max((abs(child.returncode or 0) for child in children), default=0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="payfleet", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def worker_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+        command.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
+
+    up = commands.add_parser("up", help="run the whole fleet in the foreground")
+    up.add_argument("--bind", default="127.0.0.1:8000", help="ingress address (default 127.0.0.1:8000)")
+    worker_options(up)
+    up.set_defaults(run=_up)
+    ingress = commands.add_parser("ingress", help="run the HTTP ingress under gunicorn")
+    ingress.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
+    ingress.set_defaults(run=_ingress)
+    worker = commands.add_parser("worker", help="run Dramatiq workers")
+    worker_options(worker)
+    worker.set_defaults(run=_worker)
+    commands.add_parser("scheduler", help="run the scheduler and outbox relay").set_defaults(run=_scheduler)
+    commands.add_parser("migrate", help="migrate the database to the latest schema").set_defaults(
+        run=_migrate
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        print(f"payfleet: {error}", file=sys.stderr)
+        return 2
+    return int(args.run(settings, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

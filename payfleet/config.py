@@ -1,0 +1,142 @@
+"""The one place where payfleet reads its environment.
+
+Each process calls `load_settings()` once at start-up and passes the frozen
+result down; nothing else reads `os.environ`. Hosts and ports default to the
+local PostgreSQL and RabbitMQ; secrets have no defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value payfleet cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/payfleet"
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    admin_token: str = ""
+    stripe_api_key: str = ""
+    stripe_webhook_secrets: tuple[str, ...] = ()
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_timeout_seconds: float = 10.0
+    monetbil_service_key: str = ""
+    monetbil_service_secret: str = ""
+    monetbil_api_base: str = "https://api.monetbil.com"
+    schedule_tz: str = "Europe/Paris"
+    order_payment_window_seconds: int = 1800
+    reservation_ttl_seconds: int = 1800
+    cart_ttl_seconds: int = 86400
+    webhook_tolerance_seconds: int = 300
+    max_body_bytes: int = 1024 * 1024
+    event_max_attempts: int = 3
+    event_retry_delays_seconds: tuple[float, ...] = (10.0, 30.0)
+    event_time_limit_seconds: float = 60.0
+    outbox_relay_interval_seconds: float = 2.0
+    outbox_relay_grace_seconds: float = 5.0
+    outbox_stuck_after_seconds: float = 900.0
+    dead_letter_ttl_seconds: int = 30 * 86400
+    scheduler_metrics_port: int = 9192
+    metrics_host: str = "127.0.0.1"
+    prometheus_multiproc_dir: str = ""
+
+
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
+    return env.get(name, "").strip() or default
+
+
+def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
+def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    parts = _list(env, name)
+    try:
+        delays = tuple(float(part) for part in parts)
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated seconds, got {env[name]!r}") from None
+    return delays or default
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    base = Settings()
+    settings = Settings(
+        database_url=_text(env, "DATABASE_URL", base.database_url),
+        broker_url=_text(env, "BROKER_URL", base.broker_url),
+        admin_token=_text(env, "ADMIN_TOKEN", ""),
+        stripe_api_key=_text(env, "STRIPE_API_KEY", ""),
+        stripe_webhook_secrets=_list(env, "STRIPE_WEBHOOK_SECRETS"),
+        stripe_api_base=_text(env, "STRIPE_API_BASE", base.stripe_api_base).rstrip("/"),
+        stripe_timeout_seconds=_number(env, "STRIPE_TIMEOUT_SECONDS", base.stripe_timeout_seconds, float),
+        monetbil_service_key=_text(env, "MONETBIL_SERVICE_KEY", ""),
+        monetbil_service_secret=_text(env, "MONETBIL_SERVICE_SECRET", ""),
+        monetbil_api_base=_text(env, "MONETBIL_API_BASE", base.monetbil_api_base).rstrip("/"),
+        schedule_tz=_text(env, "SCHEDULE_TZ", base.schedule_tz),
+        order_payment_window_seconds=_number(
+            env, "ORDER_PAYMENT_WINDOW_SECONDS", base.order_payment_window_seconds, int
+        ),
+        reservation_ttl_seconds=_number(env, "RESERVATION_TTL_SECONDS", base.reservation_ttl_seconds, int),
+        cart_ttl_seconds=_number(env, "CART_TTL_SECONDS", base.cart_ttl_seconds, int),
+        webhook_tolerance_seconds=_number(
+            env, "WEBHOOK_TOLERANCE_SECONDS", base.webhook_tolerance_seconds, int
+        ),
+        max_body_bytes=_number(env, "MAX_BODY_BYTES", base.max_body_bytes, int),
+        event_max_attempts=max(1, _number(env, "EVENT_MAX_ATTEMPTS", base.event_max_attempts, int)),
+        event_retry_delays_seconds=_delays(
+            env, "EVENT_RETRY_DELAYS_SECONDS", base.event_retry_delays_seconds
+        ),
+        event_time_limit_seconds=_number(
+            env, "EVENT_TIME_LIMIT_SECONDS", base.event_time_limit_seconds, float
+        ),
+        outbox_relay_interval_seconds=_number(
+            env, "OUTBOX_RELAY_INTERVAL_SECONDS", base.outbox_relay_interval_seconds, float
+        ),
+        outbox_relay_grace_seconds=_number(
+            env, "OUTBOX_RELAY_GRACE_SECONDS", base.outbox_relay_grace_seconds, float
+        ),
+        outbox_stuck_after_seconds=_number(
+            env, "OUTBOX_STUCK_AFTER_SECONDS", base.outbox_stuck_after_seconds, float
+        ),
+        dead_letter_ttl_seconds=_number(env, "DEAD_LETTER_TTL_SECONDS", base.dead_letter_ttl_seconds, int),
+        scheduler_metrics_port=_number(env, "SCHEDULER_METRICS_PORT", base.scheduler_metrics_port, int),
+        metrics_host=_text(env, "METRICS_HOST", base.metrics_host),
+        prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),
+    )
+    _check_backoff(settings)
+    return settings
+
+
+# RabbitMQ closes a consumer that holds an unacknowledged delivery for 30
+# minutes; every wait and time limit must stay well inside that.
+_CONSUMER_TIMEOUT_SECONDS = 30 * 60
+
+
+def _check_backoff(settings: Settings) -> None:
+    longest = max((*settings.event_retry_delays_seconds, settings.event_time_limit_seconds))
+    if longest >= _CONSUMER_TIMEOUT_SECONDS / 2:
+        raise ConfigError(
+            "event retry delays and time limit must stay under 15 minutes "
+            "(half of RabbitMQ's 30-minute consumer timeout)"
+        )

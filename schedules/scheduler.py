@@ -1,0 +1,61 @@
+"""The scheduler process: ticks every few seconds until told to stop.
+
+Each tick runs the periodic tasks; today that is the outbox relay, and the
+maintenance jobs slot in beside it. Any number of replicas may run: each task
+takes its work with row locks or unique claims, never by being alone."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+
+from prometheus_client import start_http_server
+
+from payfleet.config import Settings
+from payfleet.db import make_engine, make_sessions
+from schedules.relay import OutboxRelay
+from workers.broker import build_broker
+from workers.publisher import EventPublisher
+
+log = logging.getLogger(__name__)
+
+Task = Callable[[], object]
+
+
+def run(tasks: Sequence[Task], interval: float, stop: threading.Event) -> None:
+    """Run every task each `interval` seconds until `stop` is set. A failing
+    task is logged and tried again next tick; it never stops the others."""
+    while not stop.is_set():
+        for task in tasks:
+            try:
+                task()
+            except Exception:
+                log.exception(
+                    "scheduler task %s failed; retrying next tick", getattr(task, "__qualname__", task)
+                )
+        stop.wait(interval)
+
+
+def tasks_for(settings: Settings) -> list[Task]:
+    sessions = make_sessions(make_engine(settings.database_url, pool_size=2))
+    publisher = EventPublisher(build_broker(settings))
+    relay = OutboxRelay(
+        sessions,
+        publisher,
+        grace=settings.outbox_relay_grace_seconds,
+        stuck_after=settings.outbox_stuck_after_seconds,
+    )
+    return [relay.run_once]
+
+
+def main(settings: Settings) -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    if settings.scheduler_metrics_port:
+        start_http_server(settings.scheduler_metrics_port, addr=settings.metrics_host)
+    log.info("scheduler started (tick %.1f s)", settings.outbox_relay_interval_seconds)
+    run(tasks_for(settings), settings.outbox_relay_interval_seconds, stop)
+    log.info("scheduler stopped")

@@ -1,0 +1,173 @@
+"""Test wiring: a PostgreSQL database and a RabbitMQ vhost of the run's own
+(created here, removed at the end, so a running fleet is untouched), the real
+stripe library pointed at a fake Stripe server on 127.0.0.1, and real Dramatiq
+workers consuming from the test vhost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dramatiq
+import psycopg
+import pytest
+from falcon import testing
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from ingress.app import Collaborators, collaborators, create_app
+from payfleet.config import Settings, load_settings
+from payfleet.db import make_engine, make_sessions, migrate
+from tests.fakes.stripe_server import FakeStripe
+from workers.actors import declare_actors
+from workers.broker import build_broker
+
+PG_ADMIN_URL = os.environ.get("PAYFLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_HOST_PART = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+AMQP_HOST_PART = os.environ.get("PAYFLEET_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
+ADMIN_TOKEN = "test-admin-token"
+WEBHOOK_SECRETS = ("whsec_test_current", "whsec_test_previous")
+TABLES = (
+    "order_transitions, provider_events, stock_movements, stock_reservations, "
+    "payments, order_lines, orders, products"
+)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return f"payfleet_test_{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def database_url(run_id: str) -> Iterator[str]:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{run_id}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{run_id}"')
+    url = f"{PG_HOST_PART}/{run_id}"
+    migrate(url)
+    yield url
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{run_id}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def vhost(run_id: str) -> Iterator[str]:
+    _rabbitmqctl("add_vhost", run_id)
+    _rabbitmqctl("set_permissions", "-p", run_id, "guest", ".*", ".*", ".*")
+    yield run_id
+    _rabbitmqctl("delete_vhost", run_id)
+
+
+@pytest.fixture(scope="session")
+def broker_url(vhost: str) -> str:
+    return f"{AMQP_HOST_PART}/{urllib.parse.quote(vhost, safe='')}"
+
+
+@pytest.fixture
+def fake_stripe() -> Iterator[FakeStripe]:
+    with FakeStripe() as fake:
+        yield fake
+
+
+@pytest.fixture
+def env(database_url: str, broker_url: str, fake_stripe: FakeStripe) -> dict[str, str]:
+    """The environment a payfleet process gets in tests: short retry delays
+    and relay grace, so failure paths finish in seconds."""
+    return {
+        "DATABASE_URL": database_url,
+        "BROKER_URL": broker_url,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "STRIPE_API_KEY": "sk_test_payfleet",
+        "STRIPE_WEBHOOK_SECRETS": ",".join(WEBHOOK_SECRETS),
+        "STRIPE_API_BASE": fake_stripe.base_url,
+        "EVENT_RETRY_DELAYS_SECONDS": "0.2,0.4",
+        "EVENT_TIME_LIMIT_SECONDS": "20",
+        "OUTBOX_RELAY_INTERVAL_SECONDS": "0.2",
+        "OUTBOX_RELAY_GRACE_SECONDS": "0.5",
+        "SCHEDULER_METRICS_PORT": "0",
+    }
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return load_settings(env)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _clean_state(request: pytest.FixtureRequest) -> None:
+    """Each test that touches storage starts from empty tables and queues."""
+    if "database_url" in request.fixturenames:
+        with psycopg.connect(request.getfixturevalue("database_url").replace("+psycopg", "")) as conn:
+            conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    if "broker_url" in request.fixturenames:
+        broker = build_broker(load_settings({"BROKER_URL": request.getfixturevalue("broker_url")}))
+        broker.declare_queue("payments", ensure=True)
+        broker.flush("payments")
+        broker.close()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_sessions(engine)
+
+
+@pytest.fixture
+def parts(settings: Settings) -> Iterator[Collaborators]:
+    c = collaborators(settings)
+    yield c
+    c.engine.dispose()
+
+
+@pytest.fixture
+def client(parts: Collaborators) -> testing.TestClient:
+    return testing.TestClient(create_app(parts))
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def worker(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[dramatiq.Worker]:
+    """Real Dramatiq worker threads consuming the test vhost."""
+    broker = build_broker(settings)
+    declare_actors(broker, sessions, settings)
+    running = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    running.start()
+    yield running
+    running.stop()
+    broker.close()
+
+
+def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05) -> Any:
+    """Poll until `check()` returns something truthy; fail with its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition not met within {timeout}s (last value {value!r})"
+            return value
+        time.sleep(interval)
+
+
+def scalar(sessions: sessionmaker[Session], sql: str, **params: Any) -> Any:
+    with sessions() as session:
+        return session.execute(text(sql), params).scalar()

@@ -1,0 +1,50 @@
+"""The actors: thin adapters that open a unit of work, call one domain
+service and commit. Retry policy is declared here, on the actor."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import dramatiq
+from dramatiq import Broker
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import events
+from payfleet.config import Settings
+from workers.publisher import APPLY_EVENT, PAYMENTS_QUEUE
+
+log = logging.getLogger(__name__)
+
+
+def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Settings) -> None:
+    @dramatiq.actor(
+        broker=broker,
+        actor_name=APPLY_EVENT,
+        queue_name=PAYMENTS_QUEUE,
+        max_retries=settings.event_max_attempts - 1,
+        retry_delays=tuple(int(delay * 1000) for delay in settings.event_retry_delays_seconds),
+        time_limit=int(settings.event_time_limit_seconds * 1000),
+        on_retry_exhausted="give_up_event",
+    )
+    def apply_event(event_id: int) -> None:
+        try:
+            with sessions() as session:
+                status = events.apply_event(session, event_id)
+                session.commit()
+        except Exception as error:
+            # Kept on the event row (its own transaction, the first rolled
+            # back) so the operator sees why it is waiting; then retried.
+            with sessions() as session:
+                events.record_failed_attempt(session, event_id, error)
+                session.commit()
+            raise
+        log.info("event %s: %s", event_id, status)
+
+    @dramatiq.actor(broker=broker, actor_name="give_up_event", queue_name=PAYMENTS_QUEUE, max_retries=5)
+    def give_up_event(message: dict[str, Any], retry_info: dict[str, Any]) -> None:
+        event_id = int(message["args"][0])
+        with sessions() as session:
+            status = events.give_up(session, event_id)
+            session.commit()
+        log.warning("event %s gave up after %s retries: %s", event_id, retry_info.get("retries"), status)
