@@ -1,15 +1,14 @@
 """gunicorn settings for the ingress (`--config python:ingress.gunicorn_conf`).
 
-Workers count with prometheus-client's multiprocess mode: the directory must
-be set before any worker imports the app, so it is set here, in the master."""
+Workers count with prometheus-client's multiprocess mode. prometheus-client
+picks its storage when first imported, so the directory is set here, in the
+master, before anything imports it (hence the late import below)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from typing import Any
-
-from prometheus_client import multiprocess
 
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="payfleet-ingress-metrics-"))
 
@@ -24,4 +23,11 @@ errorlog = "-"
 
 
 def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+
+# gunicorn's control socket has one default path per user, so two ingresses
+# on one machine (or a test run beside a running fleet) would collide.
+control_socket_disable = True

@@ -47,7 +47,10 @@ def intent_event(
 
 
 def deliver(client: testing.TestClient, body: bytes, secret: str = SECRET, **sign: Any) -> testing.Result:
-    headers = {"Stripe-Signature": sign_stripe_payload(body, secret, **sign), "Content-Type": "application/json"}
+    headers = {
+        "Stripe-Signature": sign_stripe_payload(body, secret, **sign),
+        "Content-Type": "application/json",
+    }
     return client.simulate_post("/webhooks/stripe", body=body, headers=headers)
 
 

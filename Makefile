@@ -1,0 +1,41 @@
+# The two commands of the README: `make up` runs the fleet, `make test` runs
+# the tests. Each does its own set-up: virtual environment, install, local
+# PostgreSQL and RabbitMQ started if stopped, database and migrations.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up test lint install services db
+
+up: install services db
+	@test -n "$$ADMIN_TOKEN" || test -f .admin-token || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > .admin-token
+	@command -v rabbitmq-plugins >/dev/null 2>&1 && rabbitmq-plugins -q enable rabbitmq_management >/dev/null 2>&1 || true
+	@echo "admin token: $${ADMIN_TOKEN:-$$(cat .admin-token)}   RabbitMQ management UI: http://127.0.0.1:15672 (guest/guest)"
+	ADMIN_TOKEN="$${ADMIN_TOKEN:-$$(cat .admin-token)}" $(BIN)/payfleet up
+
+test: install services
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+services:
+	scripts/ensure-services.sh
+
+db: install services
+	scripts/create-database.sh
+	$(BIN)/payfleet migrate

@@ -1,0 +1,156 @@
+"""The fleet as real processes: gunicorn, a Dramatiq worker and the scheduler
+started through the `payfleet` command, driven over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+
+from tests.conftest import ADMIN_TOKEN, eventually
+from tests.support.shop import SECRET, intent_event
+from tests.support.stripe_signing import sign_stripe_payload
+
+pytestmark = pytest.mark.e2e
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def spawn(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "payfleet.cli", *args],
+            env={**os.environ, **env, "WEB_CONCURRENCY": "2"},
+            start_new_session=True,  # its own process group: killed whole below
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in started:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def ingress(spawn: Callable[..., subprocess.Popen[bytes]]) -> str:
+    port = _free_port()
+    spawn("ingress", "--bind", f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return requests.get(f"{base}/readyz", timeout=10).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):
+            return False
+
+    eventually(ready, timeout=30, interval=0.2)
+    return base
+
+
+def _deliver(base: str, body: bytes) -> requests.Response:
+    headers = {"Stripe-Signature": sign_stripe_payload(body, SECRET), "Content-Type": "application/json"}
+    return requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=10)
+
+
+def _checkout(base: str, sku: str, quantity: int) -> dict[str, object]:
+    body = {"items": [{"sku": sku, "quantity": quantity}], "provider": "stripe", "currency": "EUR"}
+    answer = requests.post(f"{base}/checkout", json=body, timeout=10)
+    assert answer.status_code == 201, answer.text
+    return dict(answer.json())
+
+
+def _put_product(base: str, sku: str, on_hand: int) -> None:
+    body = {"name": sku, "price": 2500, "currency": "EUR", "on_hand": on_hand}
+    assert (
+        requests.put(f"{base}/admin/products/{sku}", json=body, headers=ADMIN, timeout=10).status_code == 201
+    )
+
+
+def _get(base: str, path: str) -> dict[str, object]:
+    return dict(requests.get(f"{base}{path}", headers=ADMIN, timeout=10).json())
+
+
+def test_product_checkout_signed_webhook_paid_order_and_sold_stock(ingress, spawn):
+    spawn("worker", "--processes", "1", "--threads", "2")
+    spawn("scheduler")
+    _put_product(ingress, "MUG", on_hand=4)
+    placed = _checkout(ingress, "MUG", 3)
+    intent = placed["payment"]["provider_payment_id"]  # type: ignore[index]
+
+    answer = _deliver(ingress, intent_event("payment_intent.succeeded", intent))
+    assert answer.json() == {"received": True, "duplicate": False}
+
+    paid = eventually(
+        lambda: (o := _get(ingress, f"/admin/orders/{placed['order_id']}"))["status"] == "paid" and o
+    )
+    assert paid["payment"]["status"] == "succeeded"  # type: ignore[index]
+    product = _get(ingress, "/admin/products/MUG")
+    assert (product["on_hand"], product["reserved"], product["available"]) == (1, 0, 1)
+    metrics = requests.get(f"{ingress}/metrics", timeout=10).text
+    assert 'payfleet_webhooks_total{outcome="stored",provider="stripe"} 1.0' in metrics
+
+
+def test_events_taken_while_the_worker_is_dead_are_applied_once_after_restart(ingress, spawn):
+    worker = spawn("worker", "--processes", "1", "--threads", "2")
+    _put_product(ingress, "CAP", on_hand=10)
+    orders = [_checkout(ingress, "CAP", 1) for _ in range(3)]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+
+    for placed in orders:
+        body = intent_event("payment_intent.succeeded", placed["payment"]["provider_payment_id"])  # type: ignore[index]
+        assert _deliver(ingress, body).status_code == 200
+        assert _deliver(ingress, body).json()["duplicate"] is True
+
+    spawn("worker", "--processes", "1", "--threads", "2")
+    for placed in orders:
+        eventually(lambda p=placed: _get(ingress, f"/admin/orders/{p['order_id']}")["status"] == "paid")
+    product = _get(ingress, "/admin/products/CAP")
+    assert (product["on_hand"], product["reserved"]) == (7, 0)
+
+
+def test_up_runs_the_fleet_and_stops_cleanly_on_ctrl_c(env):
+    port = _free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "payfleet.cli", "up", "--bind", f"127.0.0.1:{port}", "--processes", "1"],
+        env={**os.environ, **env},
+        start_new_session=True,
+    )
+    try:
+        eventually(lambda: _healthy(f"http://127.0.0.1:{port}"), timeout=30, interval=0.2)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(40) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/healthz", timeout=10).status_code == 200
+    except (requests.ConnectionError, requests.Timeout):
+        return False
