@@ -21,16 +21,24 @@ BATCH = 500
 
 class OutboxRelay:
     def __init__(
-        self, sessions: sessionmaker[Session], publisher: EventPublisher, *, grace: float, stuck_after: float
+        self,
+        sessions: sessionmaker[Session],
+        publisher: EventPublisher,
+        *,
+        grace: float,
+        stuck_after: float,
+        batch: int = BATCH,
     ) -> None:
-        self._sessions, self._publisher = sessions, publisher
+        self._sessions, self._publisher, self._batch = sessions, publisher, batch
         self._grace, self._stuck_after = timedelta(seconds=grace), timedelta(seconds=stuck_after)
 
     def run_once(self) -> int:
         """Publish one batch; returns how many RabbitMQ confirmed. The rows
         stay locked while publishing, so a second scheduler skips them."""
         with self._sessions() as session:
-            ids = lock_unpublished(session, grace=self._grace, stuck_after=self._stuck_after, limit=BATCH)
+            ids = lock_unpublished(
+                session, grace=self._grace, stuck_after=self._stuck_after, limit=self._batch
+            )
             sent = self._publisher.send(ids) if ids else []
             if sent:
                 mark_published(session, sent)

@@ -3,6 +3,8 @@ publisher confirms on, and retry middleware that waits the declared delays."""
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
 import dramatiq.brokers.rabbitmq as rabbitmq
 from dramatiq import Broker, Middleware, Retry
 from dramatiq.broker import MessageProxy
@@ -47,6 +49,25 @@ class RetryDelays(Retries):
         super().after_process_message(broker, message, result=result, exception=exception)  # type: ignore[no-untyped-call]
 
 
+# pika's defaults wait a minute or more on a hung network, and a publisher
+# with confirms only notices a dead peer through heartbeats: short ones keep a
+# webhook from hanging on RabbitMQ. Values given in BROKER_URL win.
+CONNECTION_DEFAULTS = {
+    "heartbeat": "10",
+    "connection_attempts": "2",
+    "retry_delay": "0.5",
+    "socket_timeout": "5",
+    "stack_timeout": "10",
+    "blocked_connection_timeout": "30",
+}
+
+
+def with_connection_defaults(url: str) -> str:
+    parts = urlsplit(url)
+    query = {**CONNECTION_DEFAULTS, **dict(parse_qsl(parts.query))}
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def build_broker(settings: Settings, *, metrics: bool = False) -> RabbitmqBroker:
     # Dramatiq declares `<queue>.XQ` with this TTL; RabbitMQ then drops dead
     # letters silently, so payfleet keeps them far longer than the 7-day default.
@@ -63,4 +84,5 @@ def build_broker(settings: Settings, *, metrics: bool = False) -> RabbitmqBroker
         from dramatiq.middleware.prometheus import Prometheus
 
         middleware.append(Prometheus())
-    return RabbitmqBroker(url=settings.broker_url, confirm_delivery=True, middleware=middleware)
+    url = with_connection_defaults(settings.broker_url)
+    return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
