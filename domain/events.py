@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from domain.errors import InvalidRequest, PaymentNotFound
+from domain.errors import Conflict, InvalidRequest, NotFound, PaymentNotFound
 from domain.models import Payment, ProviderEvent
 from domain.orders import apply_payment_status
 
@@ -197,3 +197,22 @@ def lock_unpublished(session: Session, *, grace: timedelta, stuck_after: timedel
         .with_for_update(skip_locked=True)
     )
     return list(session.scalars(query))
+
+
+REPLAYABLE = ("unmatched", "failed", "ignored")
+
+
+def reopen(session: Session, event_id: int) -> ProviderEvent:
+    """Make a settled-but-not-applied event applicable again (an operator's
+    replay). A processed event is never reopened: it was applied once."""
+    event = session.get(ProviderEvent, event_id, with_for_update=True)
+    if event is None:
+        raise NotFound(f"no event {event_id}")
+    if event.status == "received":
+        return event
+    if event.status not in REPLAYABLE:
+        raise Conflict(
+            f"event {event_id} is {event.status}; only {', '.join(REPLAYABLE)} events are replayed"
+        )
+    event.status, event.processed_at, event.published_at = "received", None, None
+    return event

@@ -12,6 +12,7 @@ from domain import catalog
 from domain.errors import InvalidRequest
 from ingress.errors import ApiError
 from ingress.parsing import json_object, required
+from workers.publisher import EventInbox
 
 MAX_BODY = 64 * 1024
 
@@ -83,8 +84,8 @@ class Orders:
 
 
 class Events:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
+    def __init__(self, sessions: sessionmaker[Session], inbox: EventInbox) -> None:
+        self._sessions, self._inbox = sessions, inbox
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         limit = req.get_param_as_int("limit", min_value=1, max_value=500, default=50)
@@ -94,3 +95,8 @@ class Events:
                     session, provider=req.get_param("provider"), status=req.get_param("status"), limit=limit
                 )
             }
+
+    def on_post_replay(self, req: falcon.Request, resp: falcon.Response, event_id: int) -> None:
+        published = self._inbox.replay(event_id)
+        resp.status = falcon.HTTP_202
+        resp.media = {"id": event_id, "status": "received", "published": published}

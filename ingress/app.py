@@ -15,11 +15,11 @@ from ingress import errors
 from ingress.admin import AdminAuth, Events, Orders, Products
 from ingress.checkout import Checkout
 from ingress.health import Healthz, Metrics, Readyz
-from ingress.webhooks import EventInbox, StripeWebhook
+from ingress.webhooks import StripeWebhook
 from payfleet.config import Settings, load_settings
 from payfleet.db import make_engine, make_sessions
 from workers.broker import build_broker
-from workers.publisher import EventPublisher
+from workers.publisher import EventInbox, EventPublisher
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/checkout", Checkout(c.sessions, c.stripe, window, s.max_body_bytes))
     app.add_route("/admin/products/{sku}", Products(c.sessions))
     app.add_route("/admin/orders/{order_id}", Orders(c.sessions))
-    app.add_route("/admin/events", Events(c.sessions))
+    events = Events(c.sessions, inbox)
+    app.add_route("/admin/events", events)
+    app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
     app.add_route("/healthz", Healthz())
     app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from payfleet import ops
 from payfleet.config import ConfigError, Settings, load_settings
 from payfleet.db import migrate
 
@@ -109,12 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="migrate the database to the latest schema").set_defaults(
         run=_migrate
     )
+    ops.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
     try:
         settings = load_settings()
     except ConfigError as error:

@@ -17,6 +17,7 @@ import pika
 from sqlalchemy import text
 
 from domain.events import apply_event, record_event, stripe_event_facts
+from domain.stock import release
 from tests.conftest import eventually, scalar
 from tests.support.shop import checkout, deliver, event_id_of, intent_event, order, put_product
 from tests.support.stripe_signing import stripe_event
@@ -316,6 +317,20 @@ def test_success_after_the_order_was_canceled_and_the_stock_sold_needs_attention
     assert reservations(sessions, other_id) == [("CAP", 3, "active"), ("TEE-M", 5, "active")]
 
 
+def test_a_retried_payment_after_payment_failed_sells_the_units_still_held(client, sessions):
+    order_id, intent = two_line_order(client)
+    arrive(
+        client,
+        sessions,
+        intent_event("payment_intent.payment_failed", intent, status="requires_payment_method"),
+    )
+
+    assert arrive(client, sessions, intent_event("payment_intent.succeeded", intent)) == "processed"
+
+    assert statuses(client, order_id) == ("paid", "succeeded")
+    assert_sold_once(sessions, order_id)
+
+
 # --- 3 and 4. concurrent deliveries -------------------------------------------------------
 
 
@@ -458,3 +473,27 @@ def test_one_event_published_twice_is_applied_once(client, sessions, settings, w
     assert statuses(client, order_id) == ("paid", "succeeded")
     assert_sold_once(sessions, order_id)
     assert event_row(sessions, event_id)["attempts"] == 1
+
+
+# --- found while testing (fails: see the docstring) ---------------------------------
+
+
+def test_success_after_the_reservation_was_released_under_a_pending_order_still_sells(client, sessions):
+    """A PaymentIntent can sit in `processing` past the payment window (bank
+    debits take days); expire-stale-orders leaves such an order pending for
+    the payment path, and release-expired-reservations releases reservations
+    older than 30 minutes whose order is not paid. The success that follows
+    must still take the units (or mark the order for attention), as it does
+    for an expired order, never mark it paid with nothing sold."""
+    order_id, intent = two_line_order(client)
+    arrive(client, sessions, intent_event("payment_intent.processing", intent))
+    with sessions() as session:  # what release-expired-reservations does to this order
+        assert release(session, uuid.UUID(order_id)) == [("CAP", 1), ("TEE-M", 2)]
+        session.commit()
+
+    assert arrive(client, sessions, intent_event("payment_intent.succeeded", intent)) == "processed"
+
+    assert statuses(client, order_id) == ("paid", "succeeded")
+    assert sales(sessions, order_id) == SOLD_ONCE, "order marked paid but its units were never sold"
+    assert stock(sessions, "TEE-M") == (3, 0)
+    assert stock(sessions, "CAP") == (2, 0)

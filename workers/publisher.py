@@ -10,6 +10,10 @@ from collections.abc import Sequence
 
 from dramatiq import Broker, Message
 from dramatiq.errors import BrokerError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain.events import EventFacts, mark_published, record_event, reopen
 
 log = logging.getLogger(__name__)
 
@@ -38,3 +42,42 @@ class EventPublisher:
                 break
             sent.append(event_id)
         return sent
+
+
+class EventInbox:
+    """Persist first: an event is committed before anything is published or
+    answered, so a 2xx always means the event is in PostgreSQL."""
+
+    def __init__(self, sessions: sessionmaker[Session], publisher: EventPublisher) -> None:
+        self._sessions = sessions
+        self._publisher = publisher
+
+    def accept(self, facts: EventFacts) -> bool:
+        """Store and publish one event; returns whether it was a duplicate."""
+        with self._sessions() as session:
+            event_id, duplicate = record_event(session, facts)
+            session.commit()
+        if not duplicate:
+            self._publish(event_id)
+        return duplicate
+
+    def replay(self, event_id: int) -> bool:
+        """Reopen an unmatched, failed or ignored event and publish it again;
+        returns whether RabbitMQ confirmed (if not, the relay will)."""
+        with self._sessions() as session:
+            reopen(session, event_id)
+            session.commit()
+        return self._publish(event_id)
+
+    def _publish(self, event_id: int) -> bool:
+        if not self._publisher.send([event_id]):
+            return False
+        # Losing this mark only means the relay publishes the event once more,
+        # which the worker treats as a duplicate: not worth failing the answer.
+        try:
+            with self._sessions() as session:
+                mark_published(session, [event_id])
+                session.commit()
+        except SQLAlchemyError as error:
+            log.warning("event %s published but not marked: %s", event_id, error)
+        return True
