@@ -101,21 +101,24 @@ def apply_payment_status(
 
 def _on_succeeded(session: Session, order: Order, reason: str, event_id: int | None) -> None:
     reference = str(order.id)
-    if order.status == "pending_payment":
-        stock.sell_reserved(session, order.id, reference)
+    if order.status == "pending_payment" and stock.sell_reserved(session, order.id, reference):
         _move_order(session, order, "paid", reason, event_id)
         return
-    # The order expired (or failed) before the money arrived: its reservation
-    # is gone, so take the units again if they are there. The money record is
-    # kept either way; an order that cannot be filled needs a person.
+    if order.status not in _UNFILLED:
+        return
+    # The reservation is gone (the order expired, or its hold was released
+    # while the payment was still processing): take the units again if they
+    # are there. The money record is kept either way; an order that cannot be
+    # filled needs a person.
     lines = [(line.sku, line.quantity) for line in order.lines]
-    if order.status in {"expired", "failed", "canceled"}:
-        if stock.sell_unreserved(session, lines, reference):
-            _move_order(session, order, "paid", f"{reason}; paid after {order.status}", event_id)
-        else:
-            _move_order(
-                session, order, "needs_attention", f"{reason}; stock gone after {order.status}", event_id
-            )
+    if stock.sell_unreserved(session, lines, reference):
+        _move_order(session, order, "paid", f"{reason}; stock taken again after {order.status}", event_id)
+    else:
+        _move_order(session, order, "needs_attention", f"{reason}; stock gone after {order.status}", event_id)
+
+
+# Orders a late success can still fill: their units are no longer held.
+_UNFILLED = frozenset({"pending_payment", "expired", "failed", "canceled"})
 
 
 def _on_canceled(session: Session, order: Order, reason: str, event_id: int | None) -> None:

@@ -190,14 +190,8 @@ def test_succeeded_pays_the_order_and_sells_the_reserved_units(client, sessions)
 def test_payment_failed_keeps_the_order_pending_and_its_reservation(client, sessions):
     order_id, intent = two_line_order(client)
 
-    assert (
-        arrive(
-            client,
-            sessions,
-            intent_event("payment_intent.payment_failed", intent, status="requires_payment_method"),
-        )
-        == "processed"
-    )
+    failed = intent_event("payment_intent.payment_failed", intent, status="requires_payment_method")
+    assert arrive(client, sessions, failed) == "processed"
 
     assert statuses(client, order_id) == ("pending_payment", "failed")
     assert_untouched_and_held(sessions, order_id)
@@ -319,11 +313,8 @@ def test_success_after_the_order_was_canceled_and_the_stock_sold_needs_attention
 
 def test_a_retried_payment_after_payment_failed_sells_the_units_still_held(client, sessions):
     order_id, intent = two_line_order(client)
-    arrive(
-        client,
-        sessions,
-        intent_event("payment_intent.payment_failed", intent, status="requires_payment_method"),
-    )
+    failed = intent_event("payment_intent.payment_failed", intent, status="requires_payment_method")
+    arrive(client, sessions, failed)
 
     assert arrive(client, sessions, intent_event("payment_intent.succeeded", intent)) == "processed"
 
@@ -404,7 +395,7 @@ def test_an_event_for_an_unknown_payment_is_retried_then_unmatched_and_dead_lett
     def given_up() -> bool:
         row = event_row(sessions, event_id)
         seen.append((row["status"], row["attempts"], row["last_error"]))
-        return row["status"] != "received"
+        return bool(row["status"] != "received")
 
     eventually(given_up, timeout=15, interval=0.02)
     row = event_row(sessions, event_id)
@@ -414,7 +405,7 @@ def test_an_event_for_an_unknown_payment_is_retried_then_unmatched_and_dead_lett
     assert "pi_nobody_knows_this_one" in row["last_error"]
     waiting = [(attempts, error) for status, attempts, error in seen if status == "received" and attempts]
     assert waiting, f"never saw the event waiting for a retry: {seen}"
-    assert all(error.startswith("PaymentNotFound") for _, error in waiting)
+    assert all((error or "").startswith("PaymentNotFound") for _, error in waiting)
     attempts_seen = [attempts for _, attempts, _ in seen]
     assert attempts_seen == sorted(attempts_seen)
 
