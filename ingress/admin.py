@@ -17,15 +17,25 @@ from workers.publisher import EventInbox
 MAX_BODY = 64 * 1024
 
 
+class AdminResource:
+    """Marks a resource as admin-only."""
+
+    requires_admin = True
+
+
 class AdminAuth:
-    """Middleware: every /admin path needs the bearer token. The comparison is
-    constant-time, and an unset ADMIN_TOKEN refuses everyone."""
+    """Middleware: every admin resource needs the bearer token. It decides by
+    the resource the router chose, not by the path's spelling ("//admin/…"
+    routes to the same resource). The comparison is constant-time, and an
+    unset ADMIN_TOKEN refuses everyone."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode() if token else None
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if not req.path.startswith("/admin"):
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, params: dict[str, Any]
+    ) -> None:
+        if not getattr(resource, "requires_admin", False):
             return
         given = (req.get_header("Authorization") or "").encode()
         if self._expected is None or not hmac.compare_digest(given, self._expected):
@@ -57,7 +67,7 @@ def parse_product(sku: str, body: dict[str, Any]) -> catalog.PutProduct:
     )
 
 
-class Products:
+class Products(AdminResource):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
@@ -74,7 +84,7 @@ class Products:
             resp.media = catalog.get_product(session, sku)
 
 
-class Orders:
+class Orders(AdminResource):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
@@ -83,7 +93,7 @@ class Orders:
             resp.media = catalog.order_view(session, order_id)
 
 
-class Events:
+class Events(AdminResource):
     def __init__(self, sessions: sessionmaker[Session], inbox: EventInbox) -> None:
         self._sessions, self._inbox = sessions, inbox
 
