@@ -42,12 +42,18 @@ class AdminAuth:
             raise ApiError(falcon.HTTP_401, "unauthorized", "a valid admin bearer token is required")
 
 
-def _non_negative(body: dict[str, Any], name: str, default: int | None = None) -> int:
+INT4_MAX = 2**31 - 1  # on_hand and thresholds are PostgreSQL integers
+INT8_MAX = 2**63 - 1  # prices are bigints (minor units)
+
+
+def _non_negative(
+    body: dict[str, Any], name: str, *, most: int = INT4_MAX, default: int | None = None
+) -> int:
     if default is not None and body.get(name) is None:
         return default
     value = required(body, name, int)
-    if value < 0:
-        raise InvalidRequest(f"{name!r} must not be negative")
+    if not 0 <= value <= most:
+        raise InvalidRequest(f"{name!r} must be between 0 and {most}")
     return value
 
 
@@ -60,7 +66,7 @@ def parse_product(sku: str, body: dict[str, Any]) -> catalog.PutProduct:
     return catalog.PutProduct(
         sku=sku,
         name=required(body, "name", str),
-        price=_non_negative(body, "price"),
+        price=_non_negative(body, "price", most=INT8_MAX),
         currency=currency.upper(),
         on_hand=_non_negative(body, "on_hand"),
         low_stock_threshold=_non_negative(body, "low_stock_threshold", default=0),

@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 import falcon
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 
 from domain.errors import (
     Conflict,
@@ -47,13 +47,18 @@ def _domain_error(req: falcon.Request, resp: falcon.Response, error: DomainError
     raise ApiError(status, error.code, error.detail, **error.extra)
 
 
-def _database_down(req: falcon.Request, resp: falcon.Response, error: DBAPIError, params: Any) -> None:
-    # Only a lost or refused connection is "unavailable"; any other database
-    # error is a bug and stays a 500.
+def _database_error(req: falcon.Request, resp: falcon.Response, error: DBAPIError, params: Any) -> None:
+    # A lost or refused connection is "unavailable" (the provider retries); a
+    # value PostgreSQL cannot store (a NUL byte, an integer out of range) is
+    # the client's; anything else is a bug. Falcon does not pass an error
+    # raised here on to another handler, so each case answers here.
     if isinstance(error, OperationalError) or error.connection_invalidated:
         log.error("database unavailable: %s", error.orig)
         raise ApiError(falcon.HTTP_503, "database_unavailable", "PostgreSQL is unavailable; retry later")
-    raise error
+    if isinstance(error, DataError):
+        raise ApiError(falcon.HTTP_400, "invalid_request", f"a value cannot be stored: {error.orig}")
+    log.error("database error on %s %s", req.method, req.path, exc_info=error)
+    raise ApiError(falcon.HTTP_500, "internal_error", "unexpected error; see the ingress log")
 
 
 def _unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params: Any) -> None:
@@ -77,6 +82,6 @@ def _from_falcon(error: falcon.HTTPError) -> dict[str, Any]:
 def install(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     # Falcon picks the most specific handler for each exception type.
     app.add_error_handler(Exception, _unexpected)
-    app.add_error_handler(DBAPIError, _database_down)
+    app.add_error_handler(DBAPIError, _database_error)
     app.add_error_handler(DomainError, _domain_error)
     app.set_error_serializer(_serialize)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import falcon
 
@@ -45,7 +45,10 @@ def required(document: dict[str, Any], name: str, kind: type[T]) -> T:
     # bool is an int in Python; a quantity of `true` is still malformed.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ApiError(falcon.HTTP_400, "invalid_request", f"{name!r} must be a {kind.__name__}")
-    return value
+    # PostgreSQL text cannot hold NUL: refuse it here, as bad input.
+    if isinstance(value, str) and "\x00" in value:
+        raise ApiError(falcon.HTTP_400, "invalid_request", f"{name!r} must not contain NUL characters")
+    return cast(T, value)
 
 
 def optional(document: dict[str, Any], name: str, kind: type[T]) -> T | None:

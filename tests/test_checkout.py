@@ -349,6 +349,12 @@ BAD_BODIES: list[Any] = [
     pytest.param(body_for(("BAD-IN", 1), provider="paypal"), 400, {"invalid_request"}, id="provider-paypal"),
     pytest.param(body_for(("BAD-IN", 1), provider=None), 400, {"invalid_request"}, id="provider-null"),
     pytest.param(body_for(("BAD-IN", 1), customer="ada"), 400, {"invalid_request"}, id="customer-string"),
+    pytest.param(
+        body_for(("BAD-IN", 1), customer={"email": "ada\x00@example.com"}),
+        400,
+        {"invalid_request"},
+        id="customer-email-nul-byte",
+    ),
     pytest.param(body_for(("BAD-IN", 1), padding="x" * (1 << 20)), 413, {"body_too_large"}, id="over-1-MiB"),
 ]
 
