@@ -61,7 +61,7 @@ def collaborators(settings: Settings) -> Collaborators:
         settings=settings,
         engine=engine,
         sessions=make_sessions(engine),
-        publisher=EventPublisher(broker),
+        publisher=EventPublisher(broker, deadline=settings.publish_timeout_seconds),
         stripe=StripeApiGateway(
             settings.stripe_api_key, settings.stripe_api_base, timeout=settings.stripe_timeout_seconds
         ),

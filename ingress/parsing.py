@@ -16,7 +16,10 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     """The raw body, refusing more than `limit` bytes without reading them all."""
     if req.content_length is not None and req.content_length > limit:
         raise _too_large(limit)
-    body = req.bounded_stream.read(limit + 1)
+    # Without a Content-Length (a chunked delivery) bounded_stream reads
+    # nothing; gunicorn's input stream ends at the last chunk, so read that.
+    stream = req.bounded_stream if req.content_length is not None else req.stream
+    body = stream.read(limit + 1)
     if len(body) > limit:
         raise _too_large(limit)
     return body

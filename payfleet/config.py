@@ -40,6 +40,7 @@ class Settings:
     event_max_attempts: int = 3
     event_retry_delays_seconds: tuple[float, ...] = (10.0, 30.0)
     event_time_limit_seconds: float = 60.0
+    publish_timeout_seconds: float = 3.0
     outbox_relay_interval_seconds: float = 2.0
     outbox_relay_grace_seconds: float = 5.0
     outbox_stuck_after_seconds: float = 900.0
@@ -110,6 +111,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         event_time_limit_seconds=_number(
             env, "EVENT_TIME_LIMIT_SECONDS", base.event_time_limit_seconds, float
         ),
+        publish_timeout_seconds=_number(env, "PUBLISH_TIMEOUT_SECONDS", base.publish_timeout_seconds, float),
         outbox_relay_interval_seconds=_number(
             env, "OUTBOX_RELAY_INTERVAL_SECONDS", base.outbox_relay_interval_seconds, float
         ),

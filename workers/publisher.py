@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from dramatiq import Broker, Message
 from dramatiq.errors import BrokerError
@@ -26,13 +27,33 @@ def apply_event_message(event_id: int) -> Message:  # type: ignore[type-arg]
 
 
 class EventPublisher:
-    def __init__(self, broker: Broker) -> None:
+    """Publishes event ids with confirms. With a `deadline`, a caller waits at
+    most that long: publishing runs on one thread of its own (pika connections
+    are per thread), so a publish stuck on a hung network can be abandoned,
+    and a webhook still answers once its event is stored."""
+
+    def __init__(self, broker: Broker, *, deadline: float | None = None) -> None:
         self._broker = broker
+        self._deadline = deadline
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="publisher") if deadline else None
 
     def send(self, event_ids: Sequence[int]) -> list[int]:
-        """Publish each event, waiting for RabbitMQ's confirm; returns the ids
-        confirmed. A broker outage stops the batch and is logged, not raised:
-        the events are stored, and the outbox relay publishes the rest later."""
+        """Publish each event; returns the ids RabbitMQ confirmed. An outage or
+        the deadline stops the batch and is logged, not raised: the events are
+        stored, and the outbox relay publishes the rest later."""
+        if self._thread is None:
+            return self._send(event_ids)
+        future = self._thread.submit(self._send, list(event_ids))
+        try:
+            return future.result(timeout=self._deadline)
+        except TimeoutError:
+            # If it still goes through later the event is published twice,
+            # which the worker treats as a duplicate.
+            future.cancel()
+            log.warning("publishing events %s timed out, left to the outbox relay", list(event_ids))
+            return []
+
+    def _send(self, event_ids: Sequence[int]) -> list[int]:
         sent: list[int] = []
         for event_id in event_ids:
             try:
