@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from dramatiq import Broker, Message
-from dramatiq.errors import BrokerError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,7 +57,10 @@ class EventPublisher:
         for event_id in event_ids:
             try:
                 self._broker.enqueue(apply_event_message(event_id))
-            except BrokerError as error:
+            # Not only BrokerError: pika lets some connection failures through
+            # unconverted (a handshake timeout on a hung network). Whatever
+            # stops a publish, the event is stored and the relay retries it.
+            except Exception as error:
                 log.warning("publishing event %s failed, left to the outbox relay: %s", event_id, error)
                 break
             sent.append(event_id)
