@@ -14,7 +14,7 @@ from domain.gateways import StripeApiGateway, StripeGateway
 from ingress import errors
 from ingress.admin import AdminAuth, Events, Orders, Products
 from ingress.checkout import Checkout
-from ingress.health import Healthz, Metrics, Readyz
+from ingress.health import CountResponses, Healthz, Metrics, Readyz
 from ingress.webhooks import StripeWebhook
 from payfleet.config import Settings, load_settings
 from payfleet.db import make_engine, make_sessions
@@ -34,7 +34,8 @@ class Collaborators:
 
 def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     s = c.settings
-    app = falcon.App(middleware=[AdminAuth(s.admin_token)])
+    # Counting first, so a refused admin request is counted too.
+    app = falcon.App(middleware=[CountResponses(), AdminAuth(s.admin_token)])  # type: ignore[arg-type]
     errors.install(app)
     inbox = EventInbox(c.sessions, c.publisher)
     app.add_route(

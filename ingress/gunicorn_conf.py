@@ -7,12 +7,16 @@ master, before anything imports it (hence the late import below)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="payfleet-ingress-metrics-"))
+# A directory of this run's own unless the operator names one; removed on exit.
+_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _own_metrics_dir:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="payfleet-ingress-metrics-")
 
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = int(os.environ.get("WEB_CONCURRENCY") or "2")
 worker_class = "sync"
 # Webhooks and checkouts answer in well under this; a hung worker is recycled.
 timeout = 30
@@ -31,3 +35,8 @@ def child_exit(server: Any, worker: Any) -> None:
 # gunicorn's control socket has one default path per user, so two ingresses
 # on one machine (or a test run beside a running fleet) would collide.
 control_socket_disable = True
+
+
+def on_exit(server: Any) -> None:
+    if _own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -6,7 +6,14 @@ from typing import Any
 
 import falcon
 import pika
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    generate_latest,
+    multiprocess,
+)
 from sqlalchemy import Engine, text
 
 
@@ -57,3 +64,21 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         resp.content_type = CONTENT_TYPE_LATEST
         resp.data = generate_latest(registry)
+
+
+RESPONSES = Counter(
+    "payfleet_http_responses_total",
+    "HTTP answers by route template and status",
+    ["route", "method", "status"],
+)
+
+
+class CountResponses:
+    """Middleware: every answer counted by its route template (never the raw
+    path, which would grow a series per order id), so 5xx and 503 alert."""
+
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: object, req_succeeded: bool
+    ) -> None:
+        route = req.uri_template or "unrouted"
+        RESPONSES.labels(route, req.method, resp.status_code).inc()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL and RabbitMQ answer on 127.0.0.1, starting the locally
 # installed servers when they are stopped. Nothing is installed here: a machine
-# without them gets a clear message (or use `docker compose up postgres rabbitmq`).
+# without them gets a clear message; `docker compose up` runs the whole fleet instead.
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

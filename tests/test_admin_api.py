@@ -77,7 +77,7 @@ def movements(sessions, sku: str) -> list[tuple[str, int, int, int, str | None]]
             ),
             {"sku": sku},
         ).all()
-    return [tuple(row) for row in rows]  # type: ignore[misc]
+    return [tuple(row) for row in rows]
 
 
 def ledger_total(sessions, sku: str) -> int:
@@ -100,7 +100,7 @@ def pay(client: testing.TestClient, intent_id: str, event_type: str = "payment_i
 def scalar_event_id(client: testing.TestClient, event_key: str) -> int:
     """The stored row's id of a delivered event, as the admin API lists it."""
     listed = call(client, "GET", "/admin/events", params={"limit": "500"}, headers=ADMIN).json["events"]
-    return next(e["id"] for e in listed if e["event_key"] == event_key)
+    return int(next(e["id"] for e in listed if e["event_key"] == event_key))
 
 
 # --------------------------------------------------------------------------- 1. the token

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pika
 import pytest
 from sqlalchemy import text
 
@@ -118,3 +119,16 @@ def test_admin_replay_reopens_an_unmatched_event_and_refuses_a_processed_one(cli
     assert again.json["error"] == "conflict"
     assert client.simulate_post("/admin/events/999999/replay", headers=ADMIN).status_code == 404
     assert client.simulate_post(f"/admin/events/{event_id}/replay").status_code == 401
+
+
+def test_a_dead_letter_that_is_not_a_dramatiq_message_is_listed_not_fatal(broker, settings):
+    broker.declare_queue("payments", ensure=True)
+    connection = pika.BlockingConnection(broker.parameters)
+    connection.channel().basic_publish(
+        "", "payments.XQ", b"not json", pika.BasicProperties(message_id="junk-1")
+    )
+    connection.close()
+    [letter] = dead_letters.list_dead(broker, "payments")
+    assert (letter.message_id, letter.actor) == ("junk-1", "(undecodable)")
+    assert dead_letters.requeue(broker, "payments") == []
+    assert len(dead_letters.list_dead(broker, "payments")) == 1, "left in place, not lost"

@@ -111,6 +111,8 @@ def test_product_checkout_signed_webhook_paid_order_and_sold_stock(ingress, spaw
     assert (product["on_hand"], product["reserved"], product["available"]) == (1, 0, 1)
     metrics = requests.get(f"{ingress}/metrics", timeout=10).text
     assert 'payfleet_webhooks_total{outcome="stored",provider="stripe"} 1.0' in metrics
+    assert 'payfleet_http_responses_total{method="POST",route="/webhooks/stripe",status="200"} 1.0' in metrics
+    assert 'route="/admin/orders/{order_id}"' in metrics  # templates, never one series per id
 
 
 def test_events_taken_while_the_worker_is_dead_are_applied_once_after_restart(ingress, spawn):

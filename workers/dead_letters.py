@@ -15,6 +15,7 @@ import pika
 from dramatiq import Message
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import xq_name
+from dramatiq.errors import DecodeError
 from pika.adapters.blocking_connection import BlockingChannel
 
 
@@ -34,6 +35,15 @@ class DeadLetter:
             "retries": self.retries,
             "error": self.error,
         }
+
+
+def _decode(message_id: str, body: bytes) -> Message[Any] | DeadLetter:
+    """A dead letter that is not a Dramatiq message (published by hand, or
+    corrupted) is shown as such rather than stopping the listing."""
+    try:
+        return Message.decode(body)
+    except DecodeError as error:
+        return DeadLetter(message_id, "(undecodable)", (), 0, f"{error}: {body[:200]!r}")
 
 
 def _dead_letter(message: Message[Any]) -> DeadLetter:
@@ -63,10 +73,11 @@ def list_dead(broker: RabbitmqBroker, queue: str, limit: int = 1000) -> list[Dea
     found: list[DeadLetter] = []
     with _channel(broker) as channel:
         while len(found) < limit:
-            method, _, body = channel.basic_get(xq_name(queue), auto_ack=False)
+            method, properties, body = channel.basic_get(xq_name(queue), auto_ack=False)
             if method is None:
                 break
-            found.append(_dead_letter(Message.decode(body)))
+            decoded = _decode(str(properties.message_id or method.delivery_tag), body)
+            found.append(decoded if isinstance(decoded, DeadLetter) else _dead_letter(decoded))
     return found
 
 
@@ -85,9 +96,13 @@ def requeue(
             method, _, body = channel.basic_get(xq_name(queue), auto_ack=False)
             if method is None:
                 break
-            message = Message.decode(body)
-            if message_ids is not None and message.message_id not in message_ids:
-                continue  # left unacknowledged: back in the queue when the channel closes
+            message = _decode(str(method.delivery_tag), body)
+            # What is not asked for, or not a Dramatiq message, is left
+            # unacknowledged: back in the queue when the channel closes.
+            if isinstance(message, DeadLetter) or (
+                message_ids is not None and message.message_id not in message_ids
+            ):
+                continue
             before_requeue(message)
             fresh = message.copy(queue_name=queue, options={**message.options, "retries": 0})
             broker.enqueue(fresh)  # confirmed before the ack below
