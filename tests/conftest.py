@@ -20,6 +20,7 @@ from falcon import testing
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.models import Base
 from ingress.app import Collaborators, collaborators, create_app
 from payfleet.config import Settings, load_settings
 from payfleet.db import make_engine, make_sessions, migrate
@@ -32,10 +33,7 @@ PG_HOST_PART = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgres
 AMQP_HOST_PART = os.environ.get("PAYFLEET_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
 ADMIN_TOKEN = "test-admin-token"
 WEBHOOK_SECRETS = ("whsec_test_current", "whsec_test_previous")
-TABLES = (
-    "order_transitions, provider_events, stock_movements, stock_reservations, "
-    "payments, order_lines, orders, products"
-)
+TABLES = ", ".join(table.name for table in Base.metadata.sorted_tables)
 
 
 def _rabbitmqctl(*args: str) -> None:
