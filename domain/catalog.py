@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,7 @@ from domain import stock
 from domain.errors import Conflict, InvalidRequest, NotFound
 from domain.models import (
     EVENT_STATUSES,
+    ORDER_STATUSES,
     PROVIDERS,
     Order,
     OrderTransition,
@@ -22,6 +23,7 @@ from domain.models import (
     Product,
     ProviderEvent,
     StockMovement,
+    StockReservation,
 )
 
 
@@ -70,6 +72,8 @@ def put_product(session: Session, command: PutProduct) -> tuple[dict[str, Any], 
     product.low_stock_threshold = command.low_stock_threshold
     product.updated_at = datetime.now(UTC)
     stock.set_on_hand(session, command.sku, command.on_hand, "set by admin")
+    stock.track_low_stock(session, [command.sku])  # the threshold may have moved
+    session.refresh(product)
     return product_view(product), created
 
 
@@ -204,3 +208,66 @@ def list_events(
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
+
+
+def list_products(session: Session, *, low_stock: bool | None, limit: int) -> list[dict[str, Any]]:
+    query = select(Product).order_by(Product.sku).limit(limit)
+    if low_stock is not None:
+        is_low = Product.on_hand - Product.reserved <= Product.low_stock_threshold
+        query = query.where(is_low if low_stock else ~is_low)
+    return [product_view(p) for p in session.scalars(query)]
+
+
+def movements(session: Session, sku: str, *, limit: int, before: int | None) -> dict[str, Any]:
+    """A SKU's ledger, newest first, a page at a time (`before` is the last id
+    of the previous page)."""
+    get_product(session, sku)
+    query = select(StockMovement).where(StockMovement.sku == sku).order_by(StockMovement.id.desc())
+    if before is not None:
+        query = query.where(StockMovement.id < before)
+    page = list(session.scalars(query.limit(limit + 1)))
+    more = len(page) > limit
+    page = page[:limit]
+    return {
+        "movements": [{"id": m.id, "at": _iso(m.created_at), **_movement_view(m)} for m in page],
+        "next_before": page[-1].id if more else None,
+    }
+
+
+def reservation_stats(session: Session) -> dict[str, Any]:
+    rows = session.execute(
+        select(
+            StockReservation.sku,
+            func.count(),
+            func.sum(StockReservation.quantity),
+            func.min(StockReservation.created_at),
+        )
+        .where(StockReservation.status == "active")
+        .group_by(StockReservation.sku)
+        .order_by(StockReservation.sku)
+    ).all()
+    oldest = min((row[3] for row in rows), default=None)
+    return {
+        "active_reservations": sum(int(row[1]) for row in rows),
+        "units_reserved": {sku: int(units) for sku, _, units, _ in rows},
+        "oldest_active_age_seconds": (datetime.now(UTC) - oldest).total_seconds() if oldest else None,
+    }
+
+
+def list_orders(session: Session, *, status: str | None, limit: int) -> list[dict[str, Any]]:
+    query = select(Order).order_by(Order.created_at.desc()).limit(limit)
+    if status is not None:
+        if status not in ORDER_STATUSES:
+            raise InvalidRequest(f"unknown order status {status!r}")
+        query = query.where(Order.status == status)
+    return [
+        {
+            "id": str(o.id),
+            "status": o.status,
+            "total_amount": o.total_amount,
+            "currency": o.currency,
+            "created_at": _iso(o.created_at),
+            "updated_at": _iso(o.updated_at),
+        }
+        for o in session.scalars(query)
+    ]

@@ -48,3 +48,12 @@ class ProviderError(DomainError):
 class PaymentNotFound(Exception):
     """An event names a payment this database does not have (yet): the checkout
     that created it may not have committed, so the event is retried."""
+
+
+class PaymentNotConfirmed(Exception):
+    """The provider's own API does not (yet) confirm a claimed success: the
+    event is retried, and never applied on the callback's word alone."""
+
+
+class Gone(DomainError):
+    code = "gone"

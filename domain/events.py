@@ -7,6 +7,7 @@ its effects, so a redelivered message finds the mark and does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from domain.errors import Conflict, InvalidRequest, NotFound, PaymentNotFound
+from domain.errors import Conflict, InvalidRequest, NotFound, PaymentNotConfirmed, PaymentNotFound
 from domain.models import Payment, ProviderEvent
 from domain.orders import apply_payment_status
 
@@ -87,17 +88,31 @@ def stripe_event_facts(event: Any) -> EventFacts:
     return EventFacts("stripe", event_id, event_type, intent if isinstance(intent, str) else None, event)
 
 
-def _charge_refunded(obj: dict[str, Any]) -> str | None:
+@dataclass(frozen=True)
+class Target:
+    """The payment status an event asks for. `final` marks a failure the
+    customer cannot retry on the same payment: its stock is released."""
+
+    status: str
+    final: bool = False
+
+
+Handler = Callable[[dict[str, Any]], Target | None]
+
+
+def _charge_refunded(obj: dict[str, Any]) -> Target | None:
     # Stripe sends charge.refunded for partial refunds too; only a full refund
     # moves the payment, a partial one is stored and marked ignored.
-    return "refunded" if obj.get("refunded") is True else None
+    return Target("refunded") if obj.get("refunded") is True else None
 
 
-def _always(status: str) -> Callable[[dict[str, Any]], str | None]:
-    return lambda obj: status
+def _always(status: str, *, final: bool = False) -> Handler:
+    return lambda obj: Target(status, final)
 
 
-STRIPE_HANDLERS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+# A Stripe payment_failed is not final: the customer may retry on the same
+# PaymentIntent, so the reservation is kept until the payment window ends.
+STRIPE_HANDLERS: dict[str, Handler] = {
     "payment_intent.succeeded": _always("succeeded"),
     "payment_intent.payment_failed": _always("failed"),
     "payment_intent.canceled": _always("canceled"),
@@ -105,38 +120,90 @@ STRIPE_HANDLERS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "charge.refunded": _charge_refunded,
 }
 
-HANDLERS = {"stripe": STRIPE_HANDLERS}
+# Monetbil's event type is its callback status; failed and cancelled are final.
+MONETBIL_HANDLERS: dict[str, Handler] = {
+    **dict.fromkeys(("success", "successful", "completed"), _always("succeeded")),
+    **dict.fromkeys(("failed", "failure", "error"), _always("failed", final=True)),
+    **dict.fromkeys(("pending", "processing"), _always("processing")),
+    **dict.fromkeys(("cancelled", "canceled"), _always("canceled", final=True)),
+}
+
+HANDLERS = {"stripe": STRIPE_HANDLERS, "monetbil": MONETBIL_HANDLERS}
 
 
-def target_status(event: ProviderEvent) -> str | None:
-    handler = HANDLERS.get(event.provider, {}).get(event.event_type)
-    return handler(event.payload["data"]["object"]) if handler else None
+def target_of(event: ProviderEvent) -> Target | None:
+    handler = HANDLERS[event.provider].get(event.event_type)
+    return handler(_subject(event)) if handler else None
+
+
+def _subject(event: ProviderEvent) -> dict[str, Any]:
+    """The object an event is about: Stripe's data.object, Monetbil's form."""
+    return event.payload["data"]["object"] if event.provider == "stripe" else event.payload
+
+
+# --- Monetbil -----------------------------------------------------------------
+
+
+def monetbil_event_facts(form: dict[str, str]) -> EventFacts:
+    """Check a (verified) Monetbil callback and pull out its keys. The key is
+    transaction and status, so a repeated callback is a duplicate while the
+    same transaction's later status is a new event."""
+    transaction_id, status = form.get("transaction_id", ""), form.get("status", "").strip().lower()
+    if not transaction_id or not status:
+        raise InvalidRequest("callback needs transaction_id and status")
+    return EventFacts("monetbil", f"{transaction_id}:{status}", status, transaction_id, dict(form))
+
+
+def needs_confirmation(session: Session, event_id: int) -> str | None:
+    """The transaction to confirm with Monetbil's check-payment API before
+    this event may apply: a claimed success is never taken on the callback's
+    word alone (the callback carries no timestamp and can be replayed)."""
+    event = session.get(ProviderEvent, event_id)
+    if event is None or event.status != "received" or event.provider != "monetbil":
+        return None
+    target = target_of(event)
+    return event.provider_payment_id if target and target.status == "succeeded" else None
 
 
 # --- applying -----------------------------------------------------------------
 
 
-def apply_event(session: Session, event_id: int) -> str:
+def apply_event(session: Session, event_id: int, confirmed: str | None = None) -> str:
     """Apply a stored event to its payment, once. Returns the event's status
-    afterwards; raises PaymentNotFound (retryable) when its payment is unknown."""
+    afterwards; raises PaymentNotFound (retryable) when its payment is unknown.
+    `confirmed` is the provider's own word on a claimed success (see
+    needs_confirmation); where it disagrees, it stands."""
     event = session.get(ProviderEvent, event_id, with_for_update=True)
     if event is None:
         return "missing"
     if event.status != "received":
         return event.status
     event.attempts += 1
-    target = target_status(event)
+    target = target_of(event)
     if target is None:
         return _settle(event, "ignored")
-    payment = _find_payment(session, event)
+    if event.provider == "monetbil" and target.status == "succeeded":
+        target = _confirmed(event, confirmed)
+    payment = FINDERS[event.provider](session, event)
     if payment is None:
         raise PaymentNotFound(
             f"no {event.provider} payment {event.provider_payment_id!r} for event {event.id}"
         )
     event.payment_id = payment.id
     reason = f"{event.provider} {event.event_type}"
-    apply_payment_status(session, payment, target, reason=reason, event_id=event.id)
+    apply_payment_status(
+        session, payment, target.status, reason=reason, event_id=event.id, final_failure=target.final
+    )
     return _settle(event, "processed")
+
+
+def _confirmed(event: ProviderEvent, confirmed: str | None) -> Target:
+    if confirmed in (None, "pending", "processing"):
+        # Not confirmed (yet): retried with backoff, never guessed.
+        raise PaymentNotConfirmed(f"check-payment does not confirm transaction {event.provider_payment_id}")
+    if confirmed != "succeeded":
+        event.last_error = f"callback said success, check-payment says {confirmed}; check-payment stands"
+    return Target(str(confirmed), final=confirmed != "succeeded")
 
 
 def _settle(event: ProviderEvent, status: str, error: str | None = None) -> str:
@@ -147,7 +214,7 @@ def _settle(event: ProviderEvent, status: str, error: str | None = None) -> str:
     return status
 
 
-def _find_payment(session: Session, event: ProviderEvent) -> Payment | None:
+def _find_stripe_payment(session: Session, event: ProviderEvent) -> Payment | None:
     query = select(Payment).where(Payment.provider == event.provider).with_for_update()
     if event.provider_payment_id:
         found = session.scalars(query.where(Payment.provider_payment_id == event.provider_payment_id)).first()
@@ -161,6 +228,33 @@ def _find_payment(session: Session, event: ProviderEvent) -> Payment | None:
     except ValueError:
         return None
     return session.scalars(query.where(Payment.id == payment_id)).first()
+
+
+def _find_monetbil_payment(session: Session, event: ProviderEvent) -> Payment | None:
+    """By payment_ref (our order id), then transaction_id, then
+    transaction_uuid; the first match learns the identifiers it lacks."""
+    form = event.payload
+    query = select(Payment).where(Payment.provider == "monetbil").with_for_update()
+    candidates = []
+    with contextlib.suppress(ValueError):
+        candidates.append(Payment.order_id == uuid.UUID(form.get("payment_ref", "")))
+    if form.get("transaction_id"):
+        candidates.append(Payment.provider_payment_id == form["transaction_id"])
+    if form.get("transaction_uuid"):
+        candidates.append(Payment.provider_reference == form["transaction_uuid"])
+    for condition in candidates:
+        payment = session.scalars(query.where(condition)).first()
+        if payment is not None:
+            payment.provider_payment_id = payment.provider_payment_id or form.get("transaction_id")
+            payment.provider_reference = payment.provider_reference or form.get("transaction_uuid")
+            return payment
+    return None
+
+
+FINDERS: dict[str, Callable[[Session, ProviderEvent], Payment | None]] = {
+    "stripe": _find_stripe_payment,
+    "monetbil": _find_monetbil_payment,
+}
 
 
 def record_failed_attempt(session: Session, event_id: int, error: BaseException) -> None:

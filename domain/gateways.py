@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import requests
 import stripe
 
 from domain.errors import ProviderError
@@ -91,3 +92,87 @@ class StripeApiGateway:
             client_secret=intent.client_secret,
             metadata=intent.metadata.to_dict() if intent.metadata else {},
         )
+
+
+# Monetbil's check-payment transaction status, as our payment status.
+MONETBIL_CHECK_STATUSES = {1: "succeeded", 0: "failed", -1: "canceled"}
+
+
+class MonetbilGateway(Protocol):
+    def start_payment(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        payment_ref: str,
+        item_ref: str,
+        notify_url: str,
+        return_url: str,
+        phone: str | None,
+        email: str | None,
+    ) -> str: ...
+
+    def check_payment(self, transaction_id: str) -> str: ...
+
+
+class MonetbilApiGateway:
+    """Monetbil's widget API v2.1 and check-payment API over HTTP. Transport
+    failures, HTTP errors and refusals all become ProviderError."""
+
+    def __init__(self, service_key: str, api_base: str, *, timeout: float = 10.0) -> None:
+        self._service_key, self._base, self._timeout = service_key, api_base.rstrip("/"), timeout
+        self._http = requests.Session()
+
+    def start_payment(
+        self,
+        *,
+        amount: int,
+        currency: str,
+        payment_ref: str,
+        item_ref: str,
+        notify_url: str,
+        return_url: str,
+        phone: str | None,
+        email: str | None,
+    ) -> str:
+        """Returns the payment URL the customer is sent to."""
+        form = {
+            "amount": str(amount),
+            "currency": currency,
+            "payment_ref": payment_ref,
+            "item_ref": item_ref,
+            "notify_url": notify_url,
+            "return_url": return_url,
+            "phone": phone or "",
+            "email": email or "",
+        }
+        answer = self._post(f"/widget/v2.1/{self._service_key}", form)
+        url = answer.get("payment_url")
+        if answer.get("success") is not True or not isinstance(url, str):
+            raise ProviderError(f"Monetbil refused the payment: {answer.get('message') or answer}")
+        return url
+
+    def check_payment(self, transaction_id: str) -> str:
+        """The transaction's status by Monetbil's own word; a transaction
+        Monetbil does not know (yet) is `pending`, never a success."""
+        answer = self._post("/payment/v1/checkPayment", {"paymentId": transaction_id})
+        transaction = answer.get("transaction")
+        if not isinstance(transaction, dict):
+            return "pending"
+        try:
+            return MONETBIL_CHECK_STATUSES.get(int(str(transaction.get("status"))), "pending")
+        except (TypeError, ValueError):
+            return "pending"
+
+    def _post(self, path: str, form: dict[str, str]) -> dict[str, Any]:
+        if not self._service_key:
+            raise ProviderError("Monetbil is not configured (MONETBIL_SERVICE_KEY is empty)")
+        try:
+            response = self._http.post(f"{self._base}{path}", data=form, timeout=self._timeout)
+            response.raise_for_status()
+            answer = response.json()
+        except (requests.RequestException, ValueError) as error:
+            raise ProviderError(f"Monetbil: {error}") from None
+        if not isinstance(answer, dict):
+            raise ProviderError(f"Monetbil answered {answer!r}")
+        return answer

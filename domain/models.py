@@ -270,3 +270,64 @@ class CartItem(Base):
     cart_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("carts.id", ondelete="CASCADE"), primary_key=True)
     sku: Mapped[str] = mapped_column(ForeignKey("products.sku"), primary_key=True)
     quantity: Mapped[int] = mapped_column(Integer)
+
+
+RUN_STATES = ("queued", "running", "succeeded", "failed", "skipped")
+RUN_TRIGGERS = ("scheduled", "manual")
+REVIEW_REQUEST_STATUSES = ("pending", "sent", "failed", "skipped")
+
+
+class ScheduledRun(Base):
+    """One run of a maintenance job. A scheduled run's `(job, slot)` row is
+    its claim: the unique key lets one scheduler replica, and only one,
+    record (and so publish) a slot. Manual runs have no slot."""
+
+    __tablename__ = "scheduled_runs"
+    __table_args__ = (
+        UniqueConstraint("job", "slot"),
+        CheckConstraint(_one_of("state", RUN_STATES), name="state"),
+        CheckConstraint(_one_of("trigger", RUN_TRIGGERS), name="trigger"),
+        CheckConstraint("(trigger = 'scheduled') = (slot IS NOT NULL)", name="slot_when_scheduled"),
+        Index("ix_scheduled_runs_job_id", "job", "id"),
+        Index(
+            "ix_scheduled_runs_unpublished",
+            "created_at",
+            postgresql_where="state = 'queued' AND published_at IS NULL",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(64))
+    slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    trigger: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    counts: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = _now()
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ReviewRequest(Base):
+    """A review asked of an order's customer: the unique `order_id` makes it
+    one request per order, ever, whatever runs or redeliveries happen."""
+
+    __tablename__ = "review_requests"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", REVIEW_REQUEST_STATUSES), name="status"),
+        Index("ix_review_requests_status", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    order_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("orders.id", ondelete="CASCADE"), unique=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("scheduled_runs.id", ondelete="SET NULL"))
+    phone: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    provider_message_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _now()
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

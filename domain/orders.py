@@ -7,28 +7,35 @@ unit of work commits it, so a rule's effects and its marks land together.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from domain import payments, stock
-from domain.errors import InvalidRequest, NotFound, UnknownSku
+from domain import carts, payments, stock
+from domain.errors import Conflict, InvalidRequest, NotFound, UnknownSku
 from domain.models import Order, OrderLine, OrderTransition, Payment, Product
 
 
 @dataclass(frozen=True)
 class PlaceOrder:
+    """Either `lines` or a `cart_id` whose lines are taken (and the cart
+    consumed) in the order's own transaction."""
+
     lines: tuple[stock.Line, ...]
     provider: str
     currency: str
     customer_email: str | None = None
     customer_phone: str | None = None
+    cart_id: str | None = None
 
 
 def place_order(session: Session, command: PlaceOrder, payment_window: timedelta) -> tuple[Order, Payment]:
     """Create the order, its lines, its payment and hold its stock."""
+    order_id = uuid.uuid4()
+    if command.cart_id is not None:
+        command = replace(command, lines=carts.lines_for_checkout(session, command.cart_id))
     skus = [sku for sku, _ in command.lines]
     products = {p.sku: p for p in session.scalars(select(Product).where(Product.sku.in_(skus)))}
     for sku in skus:
@@ -40,7 +47,7 @@ def place_order(session: Session, command: PlaceOrder, payment_window: timedelta
             )
     total = sum(products[sku].price * quantity for sku, quantity in command.lines)
     order = Order(
-        id=uuid.uuid4(),
+        id=order_id,
         status="pending_payment",
         currency=command.currency,
         total_amount=total,
@@ -51,7 +58,7 @@ def place_order(session: Session, command: PlaceOrder, payment_window: timedelta
     session.add(order)
     session.flush()
     for sku, quantity in command.lines:
-        session.add(OrderLine(order_id=order.id, sku=sku, quantity=quantity, unit_price=products[sku].price))
+        order.lines.append(OrderLine(sku=sku, quantity=quantity, unit_price=products[sku].price))
     stock.reserve(session, order.id, command.lines)
     payment = Payment(
         id=uuid.uuid4(),
@@ -63,6 +70,8 @@ def place_order(session: Session, command: PlaceOrder, payment_window: timedelta
     )
     session.add(payment)
     _log(session, order.id, "order", None, "pending_payment", "checkout")
+    if command.cart_id is not None:
+        carts.check_out(session, command.cart_id, order.id)
     session.flush()
     return order, payment
 
@@ -84,7 +93,13 @@ def abandon_checkout(session: Session, order_id: uuid.UUID, reason: str) -> None
 
 
 def apply_payment_status(
-    session: Session, payment: Payment, target: str, *, reason: str, event_id: int | None = None
+    session: Session,
+    payment: Payment,
+    target: str,
+    *,
+    reason: str,
+    event_id: int | None = None,
+    final_failure: bool = False,
 ) -> bool:
     """Move a locked payment toward `target` and apply what that means for
     its order and stock. Returns False (and changes nothing) when the move
@@ -95,7 +110,8 @@ def apply_payment_status(
     order = session.get_one(Order, payment.order_id, with_for_update=True)
     for status in steps:
         _move_payment(session, order, payment, status, reason, event_id)
-        _ORDER_EFFECTS.get(status, _no_effect)(session, order, reason, event_id)
+        effect = _on_final_failure if status == "failed" and final_failure else _ORDER_EFFECTS.get(status)
+        (effect or _no_effect)(session, order, reason, event_id)
     return True
 
 
@@ -127,6 +143,12 @@ def _on_canceled(session: Session, order: Order, reason: str, event_id: int | No
         _move_order(session, order, "canceled", reason, event_id)
 
 
+def _on_final_failure(session: Session, order: Order, reason: str, event_id: int | None) -> None:
+    if order.status == "pending_payment":
+        stock.release(session, order.id)
+        _move_order(session, order, "failed", reason, event_id)
+
+
 def _on_refunded(session: Session, order: Order, reason: str, event_id: int | None) -> None:
     # Money went back; goods only come back through a return.
     _move_order(session, order, "refunded", reason, event_id)
@@ -138,7 +160,8 @@ def _no_effect(session: Session, order: Order, reason: str, event_id: int | None
 
 # What reaching each payment status does to the order. `failed` and
 # `processing` have no effect on purpose: a failed card is not final at
-# Stripe, so the reservation is kept until the payment window ends.
+# Stripe, so the reservation is kept until the payment window ends (a final
+# failure, such as Monetbil's, releases it: see apply_payment_status).
 _ORDER_EFFECTS = {
     "succeeded": _on_succeeded,
     "canceled": _on_canceled,
@@ -188,3 +211,53 @@ def _payment_of(session: Session, order_id: uuid.UUID) -> Payment:
     if payment is None:
         raise NotFound(f"order {order_id} has no payment")
     return payment
+
+
+# --- after payment: pickup, completion, returns ----------------------------------
+
+_READY_FROM = frozenset({"paid"})
+_COMPLETE_FROM = frozenset({"paid", "ready_for_pickup"})
+_RETURNABLE = frozenset({"paid", "ready_for_pickup", "completed", "refunded"})
+
+
+def mark_ready_for_pickup(session: Session, order_id: uuid.UUID) -> Order:
+    order = session.get_one(Order, order_id, with_for_update=True)
+    if order.status != "ready_for_pickup":
+        _require(order, _READY_FROM, "ready for pickup")
+        order.ready_at = datetime.now(UTC)
+        _move_order(session, order, "ready_for_pickup", "ready for pickup", None)
+    return order
+
+
+def complete(session: Session, order_id: uuid.UUID) -> Order:
+    order = session.get_one(Order, order_id, with_for_update=True)
+    if order.status != "completed":
+        _require(order, _COMPLETE_FROM, "completed")
+        order.completed_at = datetime.now(UTC)
+        _move_order(session, order, "completed", "picked up", None)
+    return order
+
+
+def record_return(session: Session, order_id: uuid.UUID, lines: tuple[stock.Line, ...]) -> Order:
+    """Goods of a sold order come back: a `return` movement per line, never
+    more units per SKU than the order sold, counting earlier returns."""
+    order = session.get_one(Order, order_id, with_for_update=True)
+    _require(order, _RETURNABLE, "returned")
+    sold = {line.sku: line.quantity for line in order.lines}
+    returned = stock.returned_units(session, str(order.id))
+    for sku, quantity in lines:
+        if sku not in sold:
+            raise InvalidRequest(f"{sku} is not in order {order.id}", sku=sku)
+        if returned.get(sku, 0) + quantity > sold[sku]:
+            raise Conflict(
+                f"order {order.id} sold {sold[sku]} of {sku}; {returned.get(sku, 0)} already returned",
+                sku=sku,
+            )
+    for sku, quantity in lines:
+        stock.put_back(session, sku, quantity, str(order.id), "returned by customer")
+    return order
+
+
+def _require(order: Order, allowed: frozenset[str], becoming: str) -> None:
+    if order.status not in allowed:
+        raise Conflict(f"order {order.id} is {order.status}; it cannot be {becoming}", status=order.status)

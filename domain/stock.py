@@ -8,6 +8,7 @@ Every change of `on_hand` writes a movement in the same transaction.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable
 
@@ -17,6 +18,8 @@ from sqlalchemy.orm import Session
 from domain.errors import InsufficientStock, UnknownSku
 from domain.models import Product, StockMovement, StockReservation
 
+log = logging.getLogger(__name__)
+
 Line = tuple[str, int]  # (sku, quantity)
 
 
@@ -24,7 +27,8 @@ def reserve(session: Session, order_id: uuid.UUID, lines: Iterable[Line]) -> Non
     """Hold units for an order, or raise InsufficientStock holding none
     (the caller's transaction rolls back)."""
     # Sorted, so two orders reserving the same SKUs lock them in one order.
-    for sku, quantity in sorted(lines):
+    wanted = sorted(lines)
+    for sku, quantity in wanted:
         taken = session.execute(
             update(Product)
             .where(Product.sku == sku, Product.on_hand - Product.reserved >= quantity)
@@ -35,6 +39,7 @@ def reserve(session: Session, order_id: uuid.UUID, lines: Iterable[Line]) -> Non
             raise InsufficientStock(sku, available(session, sku))
         session.add(StockReservation(order_id=order_id, sku=sku, quantity=quantity, status="active"))
     session.flush()
+    track_low_stock(session, [sku for sku, _ in wanted])
 
 
 def available(session: Session, sku: str) -> int:
@@ -65,6 +70,7 @@ def release(session: Session, order_id: uuid.UUID) -> list[Line]:
             .where(Product.sku == sku)
             .values(reserved=Product.reserved - quantity, updated_at=func.now())
         )
+    track_low_stock(session, [sku for sku, _ in released])
     return released
 
 
@@ -75,6 +81,7 @@ def sell_reserved(session: Session, order_id: uuid.UUID, reference: str) -> list
     for sku, quantity in sold:
         before, after = _take(session, sku, quantity, from_reserved=True)
         _record(session, sku, "sale", after - before, before, reference, "order paid")
+    track_low_stock(session, [sku for sku, _ in sold])
     return sold
 
 
@@ -95,6 +102,7 @@ def sell_unreserved(session: Session, lines: Iterable[Line], reference: str) -> 
     for sku, quantity in wanted:
         before, after = _take(session, sku, quantity, from_reserved=False)
         _record(session, sku, "sale", after - before, before, reference, "paid after expiry")
+    track_low_stock(session, [sku for sku, _ in wanted])
     return True
 
 
@@ -120,6 +128,49 @@ def set_on_hand(session: Session, sku: str, on_hand: int, reason: str) -> None:
     session.flush()  # the CHECK refuses on_hand below reserved here, before any movement
     kind = "restock" if on_hand > before else "adjustment"
     _record(session, sku, kind, on_hand - before, before, None, reason)
+    track_low_stock(session, [sku])
+
+
+def put_back(session: Session, sku: str, quantity: int, reference: str, reason: str) -> None:
+    """Goods come back (a return): on_hand rises, with a `return` movement."""
+    row = session.execute(
+        update(Product)
+        .where(Product.sku == sku)
+        .values(on_hand=Product.on_hand + quantity, updated_at=func.now())
+        .returning(Product.on_hand)
+    ).one()
+    after = int(row[0])
+    _record(session, sku, "return", quantity, after - quantity, reference, reason)
+    track_low_stock(session, [sku])
+
+
+def track_low_stock(session: Session, skus: Iterable[str]) -> None:
+    """Note when a SKU's available stock crosses its threshold, both ways. Each
+    is one conditional UPDATE, so a crossing is logged once however many sales
+    follow, and racing transactions cannot log it twice."""
+    for sku in skus:
+        crossed = session.execute(
+            update(Product)
+            .where(
+                Product.sku == sku,
+                Product.low_stock_since.is_(None),
+                Product.on_hand - Product.reserved <= Product.low_stock_threshold,
+            )
+            .values(low_stock_since=func.now())
+            .returning(Product.on_hand - Product.reserved, Product.low_stock_threshold)
+        ).first()
+        if crossed is not None:
+            log.warning("low stock: %s has %s available (threshold %s)", sku, crossed[0], crossed[1])
+            continue
+        session.execute(
+            update(Product)
+            .where(
+                Product.sku == sku,
+                Product.low_stock_since.is_not(None),
+                Product.on_hand - Product.reserved > Product.low_stock_threshold,
+            )
+            .values(low_stock_since=None)
+        )
 
 
 def _record(
@@ -136,3 +187,12 @@ def _record(
             reason=reason,
         )
     )
+
+
+def returned_units(session: Session, reference: str) -> dict[str, int]:
+    rows = session.execute(
+        select(StockMovement.sku, func.sum(StockMovement.quantity))
+        .where(StockMovement.reference == reference, StockMovement.type == "return")
+        .group_by(StockMovement.sku)
+    ).all()
+    return {sku: int(total) for sku, total in rows}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hmac
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import falcon
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain import catalog
-from domain.errors import InvalidRequest
+from domain import catalog, orders
+from domain.errors import InvalidRequest, NotFound
 from ingress.errors import ApiError
 from ingress.parsing import json_object, required
 from workers.publisher import EventInbox
@@ -89,6 +91,16 @@ class Products(AdminResource):
         with self._sessions() as session:
             resp.media = catalog.get_product(session, sku)
 
+    def on_get_list(self, req: falcon.Request, resp: falcon.Response) -> None:
+        low_stock = req.get_param_as_bool("low_stock")
+        with self._sessions() as session:
+            resp.media = {"products": catalog.list_products(session, low_stock=low_stock, limit=_limit(req))}
+
+    def on_get_movements(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
+        before = req.get_param_as_int("before", min_value=1)
+        with self._sessions() as session:
+            resp.media = catalog.movements(session, sku, limit=_limit(req), before=before)
+
 
 class Orders(AdminResource):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
@@ -97,6 +109,66 @@ class Orders(AdminResource):
     def on_get(self, req: falcon.Request, resp: falcon.Response, order_id: str) -> None:
         with self._sessions() as session:
             resp.media = catalog.order_view(session, order_id)
+
+    def on_get_list(self, req: falcon.Request, resp: falcon.Response) -> None:
+        with self._sessions() as session:
+            resp.media = {
+                "orders": catalog.list_orders(session, status=req.get_param("status"), limit=_limit(req))
+            }
+
+    def on_post_ready_for_pickup(self, req: falcon.Request, resp: falcon.Response, order_id: str) -> None:
+        self._change(resp, order_id, orders.mark_ready_for_pickup)
+
+    def on_post_complete(self, req: falcon.Request, resp: falcon.Response, order_id: str) -> None:
+        self._change(resp, order_id, orders.complete)
+
+    def on_post_return(self, req: falcon.Request, resp: falcon.Response, order_id: str) -> None:
+        lines = _lines(required(json_object(req, MAX_BODY), "lines", list))
+        self._change(resp, order_id, lambda session, key: orders.record_return(session, key, lines))
+
+    def _change(
+        self, resp: falcon.Response, order_id: str, change: Callable[[Session, uuid.UUID], object]
+    ) -> None:
+        key = _order_key(order_id)
+        with self._sessions() as session:
+            catalog.order_view(session, order_id)  # 404 before anything is locked
+            change(session, key)
+            session.commit()
+            resp.media = catalog.order_view(session, order_id)
+
+
+def _order_key(order_id: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(order_id)
+    except ValueError:
+        raise NotFound(f"no order {order_id!r}") from None
+
+
+def _lines(items: list[Any]) -> tuple[tuple[str, int], ...]:
+    if not items:
+        raise InvalidRequest("'lines' must name at least one line")
+    lines: dict[str, int] = {}
+    for item in items:
+        if not isinstance(item, dict):
+            raise InvalidRequest("each line must be an object with 'sku' and 'quantity'")
+        sku, quantity = required(item, "sku", str), required(item, "quantity", int)
+        if quantity <= 0:
+            raise InvalidRequest("a returned quantity must be positive")
+        lines[sku] = lines.get(sku, 0) + quantity
+    return tuple(lines.items())
+
+
+def _limit(req: falcon.Request) -> int:
+    return int(req.get_param_as_int("limit", min_value=1, max_value=500, default=50))
+
+
+class ReservationStats(AdminResource):
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        with self._sessions() as session:
+            resp.media = catalog.reservation_stats(session)
 
 
 class Events(AdminResource):

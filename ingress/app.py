@@ -10,12 +10,13 @@ import falcon
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.gateways import StripeApiGateway, StripeGateway
+from domain.gateways import MonetbilApiGateway, MonetbilGateway, StripeApiGateway, StripeGateway
 from ingress import errors
-from ingress.admin import AdminAuth, Events, Orders, Products
-from ingress.checkout import Checkout
+from ingress.admin import AdminAuth, Events, Orders, Products, ReservationStats
+from ingress.carts import Carts
+from ingress.checkout import Checkout, MonetbilLinks
 from ingress.health import CountResponses, Healthz, Metrics, Readyz
-from ingress.webhooks import StripeWebhook
+from ingress.webhooks import MonetbilWebhook, StripeWebhook
 from payfleet.config import Settings, load_settings
 from payfleet.db import make_engine, make_sessions
 from workers.broker import build_broker
@@ -29,6 +30,7 @@ class Collaborators:
     sessions: sessionmaker[Session]
     publisher: EventPublisher
     stripe: StripeGateway
+    monetbil: MonetbilGateway
     broker_parameters: object
 
 
@@ -42,10 +44,27 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
         "/webhooks/stripe",
         StripeWebhook(inbox, s.stripe_webhook_secrets, s.webhook_tolerance_seconds, s.max_body_bytes),
     )
+    app.add_route("/webhooks/monetbil", MonetbilWebhook(inbox, s.monetbil_service_secret, s.max_body_bytes))
     window = timedelta(seconds=s.order_payment_window_seconds)
-    app.add_route("/checkout", Checkout(c.sessions, c.stripe, window, s.max_body_bytes))
-    app.add_route("/admin/products/{sku}", Products(c.sessions))
-    app.add_route("/admin/orders/{order_id}", Orders(c.sessions))
+    links = MonetbilLinks(
+        notify_url=f"{s.public_base_url}/webhooks/monetbil",
+        return_url=s.monetbil_return_url or f"{s.public_base_url}/",
+    )
+    app.add_route("/checkout", Checkout(c.sessions, c.stripe, c.monetbil, links, window, s.max_body_bytes))
+    carts = Carts(c.sessions, timedelta(seconds=s.cart_ttl_seconds))
+    app.add_route("/carts", carts)
+    app.add_route("/carts/{cart_id}", carts, suffix="cart")
+    app.add_route("/carts/{cart_id}/items", carts, suffix="items")
+    products = Products(c.sessions)
+    app.add_route("/admin/products", products, suffix="list")
+    app.add_route("/admin/products/{sku}", products)
+    app.add_route("/admin/products/{sku}/movements", products, suffix="movements")
+    orders = Orders(c.sessions)
+    app.add_route("/admin/orders", orders, suffix="list")
+    app.add_route("/admin/orders/{order_id}", orders)
+    for action in ("ready-for-pickup", "complete", "return"):
+        app.add_route(f"/admin/orders/{{order_id}}/{action}", orders, suffix=action.replace("-", "_"))
+    app.add_route("/admin/reservations/stats", ReservationStats(c.sessions))
     events = Events(c.sessions, inbox)
     app.add_route("/admin/events", events)
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
@@ -65,6 +84,11 @@ def collaborators(settings: Settings) -> Collaborators:
         publisher=EventPublisher(broker, deadline=settings.publish_timeout_seconds),
         stripe=StripeApiGateway(
             settings.stripe_api_key, settings.stripe_api_base, timeout=settings.stripe_timeout_seconds
+        ),
+        monetbil=MonetbilApiGateway(
+            settings.monetbil_service_key,
+            settings.monetbil_api_base,
+            timeout=settings.monetbil_timeout_seconds,
         ),
         broker_parameters=broker.parameters,
     )

@@ -6,6 +6,8 @@ SKU do not queue behind a slow network."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +16,7 @@ from prometheus_client import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.errors import DomainError, InvalidRequest, ProviderError
-from domain.gateways import StripeGateway
+from domain.gateways import MonetbilGateway, StripeGateway
 from domain.models import Order, Payment
 from domain.orders import PlaceOrder, abandon_checkout, attach_provider_payment, place_order
 from ingress.parsing import json_object, optional, required
@@ -25,8 +27,33 @@ MAX_LINES = 100
 MAX_QUANTITY = 10_000
 
 
+# Monetbil is paid in currencies without minor units, so the amount in minor
+# units is also the amount Monetbil expects.
+MONETBIL_CURRENCIES = frozenset({"XAF", "XOF"})
+
+
 def parse_checkout(body: dict[str, Any]) -> PlaceOrder:
-    items = required(body, "items", list)
+    provider = required(body, "provider", str)
+    if provider not in ("stripe", "monetbil"):
+        raise InvalidRequest(f"provider {provider!r} is not supported; use 'stripe' or 'monetbil'")
+    currency = _currency(required(body, "currency", str))
+    if provider == "monetbil" and currency not in MONETBIL_CURRENCIES:
+        raise InvalidRequest(f"Monetbil takes {', '.join(sorted(MONETBIL_CURRENCIES))}, not {currency}")
+    customer = optional(body, "customer", dict) or {}
+    cart_id = optional(body, "cart_id", str)
+    if (cart_id is None) == (body.get("items") is None):
+        raise InvalidRequest("give either 'items' or 'cart_id'")
+    return PlaceOrder(
+        lines=() if cart_id else _lines(required(body, "items", list)),
+        provider=provider,
+        currency=currency,
+        customer_email=optional(customer, "email", str),
+        customer_phone=optional(customer, "phone", str),
+        cart_id=cart_id,
+    )
+
+
+def _lines(items: list[Any]) -> tuple[tuple[str, int], ...]:
     if not items or len(items) > MAX_LINES:
         raise InvalidRequest(f"'items' must hold 1 to {MAX_LINES} lines")
     quantities: dict[str, int] = {}
@@ -37,17 +64,7 @@ def parse_checkout(body: dict[str, Any]) -> PlaceOrder:
         if not sku or len(sku) > 64 or not 0 < quantity <= MAX_QUANTITY:
             raise InvalidRequest(f"bad item: sku must be 1-64 characters, quantity 1-{MAX_QUANTITY}")
         quantities[sku] = quantities.get(sku, 0) + quantity  # repeated SKUs are one line
-    provider = required(body, "provider", str)
-    if provider != "stripe":
-        raise InvalidRequest(f"provider {provider!r} is not supported; use 'stripe'")
-    customer = optional(body, "customer", dict) or {}
-    return PlaceOrder(
-        lines=tuple(quantities.items()),
-        provider=provider,
-        currency=_currency(required(body, "currency", str)),
-        customer_email=optional(customer, "email", str),
-        customer_phone=optional(customer, "phone", str),
-    )
+    return tuple(quantities.items())
 
 
 def _currency(code: str) -> str:
@@ -56,12 +73,30 @@ def _currency(code: str) -> str:
     return code.upper()
 
 
+@dataclass(frozen=True)
+class MonetbilLinks:
+    """Where Monetbil sends the callback and the customer afterwards."""
+
+    notify_url: str
+    return_url: str
+
+
 class Checkout:
     def __init__(
-        self, sessions: sessionmaker[Session], stripe: StripeGateway, payment_window: timedelta, max_body: int
+        self,
+        sessions: sessionmaker[Session],
+        stripe: StripeGateway,
+        monetbil: MonetbilGateway,
+        links: MonetbilLinks,
+        payment_window: timedelta,
+        max_body: int,
     ) -> None:
-        self._sessions, self._stripe = sessions, stripe
+        self._sessions, self._stripe, self._monetbil, self._links = sessions, stripe, monetbil, links
         self._window, self._max_body = payment_window, max_body
+        self._starters: dict[str, Callable[[Order, Payment], dict[str, Any]]] = {
+            "stripe": self._start_stripe,
+            "monetbil": self._start_monetbil,
+        }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         command = parse_checkout(json_object(req, self._max_body))
@@ -69,7 +104,7 @@ class Checkout:
             with self._sessions() as session:
                 order, payment = place_order(session, command, self._window)
                 session.commit()
-            client_secret = self._start_payment(order, payment)
+            started = self._start_payment(order, payment)
         except DomainError as error:
             CHECKOUTS.labels(command.provider, error.code).inc()
             raise
@@ -82,26 +117,45 @@ class Checkout:
             "payment": {
                 "provider": payment.provider,
                 "provider_payment_id": payment.provider_payment_id,
-                "client_secret": client_secret,
+                **started,
             },
         }
 
-    def _start_payment(self, order: Order, payment: Payment) -> str | None:
+    def _start_payment(self, order: Order, payment: Payment) -> dict[str, Any]:
         try:
-            intent = self._stripe.create_payment_intent(
-                amount=payment.amount,
-                currency=payment.currency,
-                metadata={"order_id": str(order.id), "payment_id": str(payment.id)},
-                # Deterministic: a retried call can never create a second intent.
-                idempotency_key=f"payfleet-checkout-{payment.id}",
-            )
+            return self._starters[payment.provider](order, payment)
         except ProviderError as error:
+            # Nothing stays reserved for a payment that never started.
             with self._sessions() as session:
                 abandon_checkout(session, order.id, f"payment could not start: {error.detail}")
                 session.commit()
             raise
+
+    def _start_stripe(self, order: Order, payment: Payment) -> dict[str, Any]:
+        intent = self._stripe.create_payment_intent(
+            amount=payment.amount,
+            currency=payment.currency,
+            metadata={"order_id": str(order.id), "payment_id": str(payment.id)},
+            # Deterministic: a retried call can never create a second intent.
+            idempotency_key=f"payfleet-checkout-{payment.id}",
+        )
         with self._sessions() as session:
             attach_provider_payment(session, payment.id, intent.id)
             session.commit()
         payment.provider_payment_id = intent.id
-        return intent.client_secret
+        return {"client_secret": intent.client_secret}
+
+    def _start_monetbil(self, order: Order, payment: Payment) -> dict[str, Any]:
+        # Monetbil names no transaction until the customer pays; the callback
+        # finds the payment by payment_ref, our order id.
+        url = self._monetbil.start_payment(
+            amount=payment.amount,
+            currency=payment.currency,
+            payment_ref=str(order.id),
+            item_ref="+".join(line.sku for line in order.lines)[:100],
+            notify_url=self._links.notify_url,
+            return_url=self._links.return_url,
+            phone=order.customer_phone,
+            email=order.customer_email,
+        )
+        return {"payment_url": url}

@@ -11,6 +11,7 @@ from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from domain.errors import (
     Conflict,
     DomainError,
+    Gone,
     InsufficientStock,
     InvalidRequest,
     NotFound,
@@ -26,6 +27,7 @@ _STATUS = {
     NotFound: falcon.HTTP_404,
     InsufficientStock: falcon.HTTP_409,
     Conflict: falcon.HTTP_409,
+    Gone: falcon.HTTP_410,
     ProviderError: falcon.HTTP_502,
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl
 
 import falcon
 
@@ -34,6 +35,21 @@ def parse_json(body: bytes) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ApiError(falcon.HTTP_400, "malformed_body", f"body is not valid JSON: {error}") from None
+
+
+def parse_form(body: bytes) -> dict[str, str]:
+    """A form-encoded body as a dict; a repeated field is ambiguous (which one
+    was signed?) and refused, like anything that is not a form."""
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ApiError(falcon.HTTP_400, "malformed_body", f"body is not a form: {error}") from None
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ApiError(falcon.HTTP_400, "malformed_body", "a field is repeated")
+    if any("\x00" in name or "\x00" in value for name, value in pairs):
+        raise ApiError(falcon.HTTP_400, "malformed_body", "fields must not contain NUL characters")
+    return fields
 
 
 def json_object(req: falcon.Request, limit: int) -> dict[str, Any]:

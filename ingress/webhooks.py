@@ -5,9 +5,9 @@ from __future__ import annotations
 import falcon
 from prometheus_client import Counter
 
-from domain.events import stripe_event_facts
-from ingress import stripe_signature
-from ingress.parsing import parse_json, read_body
+from domain.events import monetbil_event_facts, stripe_event_facts
+from ingress import monetbil_signature, stripe_signature
+from ingress.parsing import parse_form, parse_json, read_body
 from workers.publisher import EventInbox
 
 WEBHOOKS = Counter("payfleet_webhooks_total", "Provider webhooks answered", ["provider", "outcome"])
@@ -23,3 +23,18 @@ class StripeWebhook:
         duplicate = self._inbox.accept(stripe_event_facts(parse_json(payload)))
         WEBHOOKS.labels("stripe", "duplicate" if duplicate else "stored").inc()
         resp.media = {"received": True, "duplicate": duplicate}
+
+
+class MonetbilWebhook:
+    """Monetbil's payment callback: form-encoded, answered `received`."""
+
+    def __init__(self, inbox: EventInbox, secret: str, max_body: int) -> None:
+        self._inbox, self._secret, self._max_body = inbox, secret, max_body
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        fields = parse_form(read_body(req, self._max_body))
+        monetbil_signature.verify(fields, self._secret)
+        duplicate = self._inbox.accept(monetbil_event_facts(fields))
+        WEBHOOKS.labels("monetbil", "duplicate" if duplicate else "stored").inc()
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.text = "received"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 N = TypeVar("N", int, float)
 
@@ -31,6 +31,9 @@ class Settings:
     monetbil_service_key: str = ""
     monetbil_service_secret: str = ""
     monetbil_api_base: str = "https://api.monetbil.com"
+    monetbil_timeout_seconds: float = 10.0
+    public_base_url: str = "http://127.0.0.1:8000"
+    monetbil_return_url: str = ""
     schedule_tz: str = "Europe/Paris"
     order_payment_window_seconds: int = 1800
     reservation_ttl_seconds: int = 1800
@@ -48,6 +51,16 @@ class Settings:
     scheduler_metrics_port: int = 9192
     metrics_host: str = "127.0.0.1"
     prometheus_multiproc_dir: str = ""
+    stripe_max_rps: float = 20.0
+    whatsapp_api_base: str = "https://api.twilio.com"
+    whatsapp_account_sid: str = ""
+    whatsapp_auth_token: str = ""
+    whatsapp_from: str = ""
+    whatsapp_timeout_seconds: float = 10.0
+    job_schedules: tuple[tuple[str, str], ...] = ()
+    job_time_limit_seconds: float = 600.0
+    notification_max_attempts: int = 4
+    notification_retry_delays_seconds: tuple[float, ...] = (30.0, 120.0, 600.0)
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -94,6 +107,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         monetbil_service_key=_text(env, "MONETBIL_SERVICE_KEY", ""),
         monetbil_service_secret=_text(env, "MONETBIL_SERVICE_SECRET", ""),
         monetbil_api_base=_text(env, "MONETBIL_API_BASE", base.monetbil_api_base).rstrip("/"),
+        monetbil_timeout_seconds=_number(
+            env, "MONETBIL_TIMEOUT_SECONDS", base.monetbil_timeout_seconds, float
+        ),
+        public_base_url=_text(env, "PUBLIC_BASE_URL", base.public_base_url).rstrip("/"),
+        monetbil_return_url=_text(env, "MONETBIL_RETURN_URL", ""),
         schedule_tz=_text(env, "SCHEDULE_TZ", base.schedule_tz),
         order_payment_window_seconds=_number(
             env, "ORDER_PAYMENT_WINDOW_SECONDS", base.order_payment_window_seconds, int
@@ -125,8 +143,45 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         scheduler_metrics_port=_number(env, "SCHEDULER_METRICS_PORT", base.scheduler_metrics_port, int),
         metrics_host=_text(env, "METRICS_HOST", base.metrics_host),
         prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),
+        **_job_settings(env, base),
     )
     _check_backoff(settings)
+    return settings
+
+
+def _schedules(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """`JOB_SCHEDULES="name=cron;name=cron"` (cron fields hold spaces and commas)."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in env.get("JOB_SCHEDULES", "").split(";"))):
+        name, sep, cron = part.partition("=")
+        if not sep or not name.strip() or not cron.strip():
+            raise ConfigError(f"JOB_SCHEDULES entries are name=cron, got {part!r}")
+        pairs.append((name.strip(), cron.strip()))
+    return tuple(pairs)
+
+
+def _job_settings(env: Mapping[str, str], base: Settings) -> dict[str, Any]:
+    settings: dict[str, Any] = {
+        "stripe_max_rps": _number(env, "STRIPE_MAX_RPS", base.stripe_max_rps, float),
+        "whatsapp_api_base": _text(env, "WHATSAPP_API_BASE", base.whatsapp_api_base).rstrip("/"),
+        "whatsapp_account_sid": _text(env, "WHATSAPP_ACCOUNT_SID", ""),
+        "whatsapp_auth_token": _text(env, "WHATSAPP_AUTH_TOKEN", ""),
+        "whatsapp_from": _text(env, "WHATSAPP_FROM", ""),
+        "whatsapp_timeout_seconds": _number(
+            env, "WHATSAPP_TIMEOUT_SECONDS", base.whatsapp_timeout_seconds, float
+        ),
+        "job_schedules": _schedules(env),
+        "job_time_limit_seconds": _number(env, "JOB_TIME_LIMIT_SECONDS", base.job_time_limit_seconds, float),
+        "notification_max_attempts": max(
+            1, _number(env, "NOTIFICATION_MAX_ATTEMPTS", base.notification_max_attempts, int)
+        ),
+        "notification_retry_delays_seconds": _delays(
+            env, "NOTIFICATION_RETRY_DELAYS_SECONDS", base.notification_retry_delays_seconds
+        ),
+    }
+    longest = max((settings["job_time_limit_seconds"], *settings["notification_retry_delays_seconds"]))
+    if longest >= _CONSUMER_TIMEOUT_SECONDS / 2:
+        raise ConfigError("job time limits and notification retry delays must stay under 15 minutes")
     return settings
 
 

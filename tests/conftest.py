@@ -24,6 +24,7 @@ from domain.models import Base
 from ingress.app import Collaborators, collaborators, create_app
 from payfleet.config import Settings, load_settings
 from payfleet.db import make_engine, make_sessions, migrate
+from tests.fakes.monetbil_server import FakeMonetbil
 from tests.fakes.stripe_server import FakeStripe
 from workers.actors import declare_actors
 from workers.broker import build_broker
@@ -33,6 +34,8 @@ PG_HOST_PART = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgres
 AMQP_HOST_PART = os.environ.get("PAYFLEET_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
 ADMIN_TOKEN = "test-admin-token"
 WEBHOOK_SECRETS = ("whsec_test_current", "whsec_test_previous")
+MONETBIL_KEY = "svc_test_key"
+MONETBIL_SECRET = "svc_test_secret"
 TABLES = ", ".join(table.name for table in Base.metadata.sorted_tables)
 
 
@@ -78,7 +81,15 @@ def fake_stripe() -> Iterator[FakeStripe]:
 
 
 @pytest.fixture
-def env(database_url: str, broker_url: str, fake_stripe: FakeStripe) -> dict[str, str]:
+def fake_monetbil() -> Iterator[FakeMonetbil]:
+    with FakeMonetbil(service_key=MONETBIL_KEY, service_secret=MONETBIL_SECRET) as fake:
+        yield fake
+
+
+@pytest.fixture
+def env(
+    database_url: str, broker_url: str, fake_stripe: FakeStripe, fake_monetbil: FakeMonetbil
+) -> dict[str, str]:
     """The environment a payfleet process gets in tests: short retry delays
     and relay grace, so failure paths finish in seconds."""
     return {
@@ -88,6 +99,10 @@ def env(database_url: str, broker_url: str, fake_stripe: FakeStripe) -> dict[str
         "STRIPE_API_KEY": "sk_test_payfleet",
         "STRIPE_WEBHOOK_SECRETS": ",".join(WEBHOOK_SECRETS),
         "STRIPE_API_BASE": fake_stripe.base_url,
+        "MONETBIL_SERVICE_KEY": MONETBIL_KEY,
+        "MONETBIL_SERVICE_SECRET": MONETBIL_SECRET,
+        "MONETBIL_API_BASE": fake_monetbil.base_url,
+        "PUBLIC_BASE_URL": "http://shop.test",
         "EVENT_RETRY_DELAYS_SECONDS": "0.2,0.4",
         "EVENT_TIME_LIMIT_SECONDS": "20",
         "OUTBOX_RELAY_INTERVAL_SECONDS": "0.2",

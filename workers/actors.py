@@ -11,13 +11,34 @@ from dramatiq import Broker
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import events
+from domain.gateways import MonetbilApiGateway
 from payfleet.config import Settings
+from workers import metrics
 from workers.publisher import APPLY_EVENT, PAYMENTS_QUEUE
 
 log = logging.getLogger(__name__)
 
 
 def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Settings) -> None:
+    monetbil = MonetbilApiGateway(
+        settings.monetbil_service_key, settings.monetbil_api_base, timeout=settings.monetbil_timeout_seconds
+    )
+
+    def confirm(event_id: int) -> str | None:
+        """Ask Monetbil about a claimed success, outside any transaction so no
+        row lock waits on the network; an outage raises and is retried."""
+        with sessions() as session:
+            transaction = events.needs_confirmation(session, event_id)
+        if transaction is None:
+            return None
+        confirmed = monetbil.check_payment(transaction)
+        if confirmed in ("failed", "canceled"):
+            log.warning(
+                "Monetbil transaction %s: callback said success, check-payment %s", transaction, confirmed
+            )
+            metrics.monetbil_disagreements().inc()
+        return confirmed
+
     @dramatiq.actor(
         broker=broker,
         actor_name=APPLY_EVENT,
@@ -29,8 +50,9 @@ def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Se
     )
     def apply_event(event_id: int) -> None:
         try:
+            confirmed = confirm(event_id)
             with sessions() as session:
-                status = events.apply_event(session, event_id)
+                status = events.apply_event(session, event_id, confirmed)
                 session.commit()
         except Exception as error:
             # Kept on the event row (its own transaction, the first rolled

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 from falcon import testing
 
@@ -56,3 +57,24 @@ def deliver(client: testing.TestClient, body: bytes, secret: str = SECRET, **sig
 
 def event_id_of(body: bytes) -> str:
     return str(json.loads(body)["id"])
+
+
+def monetbil_checkout(
+    client: testing.TestClient, *lines: tuple[str, int], phone: str = "+237670000000"
+) -> Any:
+    body = {
+        "items": [{"sku": sku, "quantity": quantity} for sku, quantity in lines],
+        "provider": "monetbil",
+        "currency": "XAF",
+        "customer": {"email": "ama@example.cm", "phone": phone},
+    }
+    return client.simulate_post("/checkout", json=body)
+
+
+def post_callback(client: testing.TestClient, fields: dict[str, str]) -> testing.Result:
+    """POST a Monetbil callback form-encoded, as Monetbil does."""
+    return client.simulate_post(
+        "/webhooks/monetbil",
+        body=urlencode(fields),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
