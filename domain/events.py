@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from domain.errors import Conflict, InvalidRequest, NotFound, PaymentNotConfirmed, PaymentNotFound
+from domain.gateways import MonetbilCheck
 from domain.models import Payment, ProviderEvent
 from domain.orders import apply_payment_status
 
@@ -168,7 +169,7 @@ def needs_confirmation(session: Session, event_id: int) -> str | None:
 # --- applying -----------------------------------------------------------------
 
 
-def apply_event(session: Session, event_id: int, confirmed: str | None = None) -> str:
+def apply_event(session: Session, event_id: int, confirmed: MonetbilCheck | None = None) -> str:
     """Apply a stored event to its payment, once. Returns the event's status
     afterwards; raises PaymentNotFound (retryable) when its payment is unknown.
     `confirmed` is the provider's own word on a claimed success (see
@@ -185,11 +186,22 @@ def apply_event(session: Session, event_id: int, confirmed: str | None = None) -
     if event.provider == "monetbil" and target.status == "succeeded":
         target = _confirmed(event, confirmed)
     payment = FINDERS[event.provider](session, event)
+    if payment is None and confirmed is not None and confirmed.status != "succeeded":
+        # Monetbil itself says this claimed success is none: nothing will
+        # ever be paid by it, so there is nothing to wait for.
+        return _settle(event, "unmatched")
     if payment is None:
         raise PaymentNotFound(
             f"no {event.provider} payment {event.provider_payment_id!r} for event {event.id}"
         )
     event.payment_id = payment.id
+    if confirmed and target.status == "succeeded" and not confirmed.covers(payment.amount, payment.currency):
+        paid = f"{confirmed.amount} {confirmed.currency}"
+        return _settle(
+            event,
+            "failed",
+            f"Monetbil reports {paid} paid; the payment is {payment.amount} {payment.currency}",
+        )
     reason = f"{event.provider} {event.event_type}"
     apply_payment_status(
         session, payment, target.status, reason=reason, event_id=event.id, final_failure=target.final
@@ -197,13 +209,14 @@ def apply_event(session: Session, event_id: int, confirmed: str | None = None) -
     return _settle(event, "processed")
 
 
-def _confirmed(event: ProviderEvent, confirmed: str | None) -> Target:
-    if confirmed in (None, "pending", "processing"):
+def _confirmed(event: ProviderEvent, confirmed: MonetbilCheck | None) -> Target:
+    status = confirmed.status if confirmed else None
+    if status is None or status in ("pending", "processing"):
         # Not confirmed (yet): retried with backoff, never guessed.
         raise PaymentNotConfirmed(f"check-payment does not confirm transaction {event.provider_payment_id}")
-    if confirmed != "succeeded":
-        event.last_error = f"callback said success, check-payment says {confirmed}; check-payment stands"
-    return Target(str(confirmed), final=confirmed != "succeeded")
+    if status != "succeeded":
+        event.last_error = f"callback said success, check-payment says {status}; check-payment stands"
+    return Target(status, final=status != "succeeded")
 
 
 def _settle(event: ProviderEvent, status: str, error: str | None = None) -> str:

@@ -98,6 +98,22 @@ class StripeApiGateway:
 MONETBIL_CHECK_STATUSES = {1: "succeeded", 0: "failed", -1: "canceled"}
 
 
+@dataclass(frozen=True)
+class MonetbilCheck:
+    """A transaction as Monetbil's check-payment API reports it."""
+
+    status: str
+    amount: int | None = None
+    currency: str | None = None
+
+    def covers(self, amount: int, currency: str) -> bool:
+        """A success for exactly this amount and currency: a genuine payment
+        of 1 XAF that names another order's payment_ref pays nothing."""
+        return (
+            self.status == "succeeded" and self.amount == amount and (self.currency or "").upper() == currency
+        )
+
+
 class MonetbilGateway(Protocol):
     def start_payment(
         self,
@@ -113,6 +129,8 @@ class MonetbilGateway(Protocol):
     ) -> str: ...
 
     def check_payment(self, transaction_id: str) -> str: ...
+
+    def check_transaction(self, transaction_id: str) -> MonetbilCheck: ...
 
 
 class MonetbilApiGateway:
@@ -153,16 +171,20 @@ class MonetbilApiGateway:
         return url
 
     def check_payment(self, transaction_id: str) -> str:
-        """The transaction's status by Monetbil's own word; a transaction
-        Monetbil does not know (yet) is `pending`, never a success."""
+        return self.check_transaction(transaction_id).status
+
+    def check_transaction(self, transaction_id: str) -> MonetbilCheck:
+        """The transaction by Monetbil's own word; a transaction Monetbil does
+        not know (yet) is `pending`, never a success."""
         answer = self._post("/payment/v1/checkPayment", {"paymentId": transaction_id})
         transaction = answer.get("transaction")
         if not isinstance(transaction, dict):
-            return "pending"
+            return MonetbilCheck("pending")
         try:
-            return MONETBIL_CHECK_STATUSES.get(int(str(transaction.get("status"))), "pending")
-        except (TypeError, ValueError):
-            return "pending"
+            status = MONETBIL_CHECK_STATUSES.get(int(str(transaction.get("status"))), "pending")
+        except ValueError:
+            return MonetbilCheck("pending")
+        return MonetbilCheck(status, _whole(transaction.get("amount")), transaction.get("currency"))
 
     def _post(self, path: str, form: dict[str, str]) -> dict[str, Any]:
         if not self._service_key:
@@ -176,3 +198,12 @@ class MonetbilApiGateway:
         if not isinstance(answer, dict):
             raise ProviderError(f"Monetbil answered {answer!r}")
         return answer
+
+
+def _whole(value: Any) -> int | None:
+    """An amount as Monetbil writes it (1000, "1000", "1000.00"), if whole."""
+    try:
+        number = float(str(value))
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None

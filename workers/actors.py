@@ -11,7 +11,7 @@ from dramatiq import Broker
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import events
-from domain.gateways import MonetbilApiGateway
+from domain.gateways import MonetbilApiGateway, MonetbilCheck
 from payfleet.config import Settings
 from workers import metrics
 from workers.publisher import APPLY_EVENT, PAYMENTS_QUEUE
@@ -24,20 +24,12 @@ def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Se
         settings.monetbil_service_key, settings.monetbil_api_base, timeout=settings.monetbil_timeout_seconds
     )
 
-    def confirm(event_id: int) -> str | None:
+    def confirm(event_id: int) -> MonetbilCheck | None:
         """Ask Monetbil about a claimed success, outside any transaction so no
         row lock waits on the network; an outage raises and is retried."""
         with sessions() as session:
             transaction = events.needs_confirmation(session, event_id)
-        if transaction is None:
-            return None
-        confirmed = monetbil.check_payment(transaction)
-        if confirmed in ("failed", "canceled"):
-            log.warning(
-                "Monetbil transaction %s: callback said success, check-payment %s", transaction, confirmed
-            )
-            metrics.monetbil_disagreements().inc()
-        return confirmed
+        return monetbil.check_transaction(transaction) if transaction else None
 
     @dramatiq.actor(
         broker=broker,
@@ -54,6 +46,12 @@ def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Se
             with sessions() as session:
                 status = events.apply_event(session, event_id, confirmed)
                 session.commit()
+            # Counted once the verdict is committed, not once per attempt.
+            if confirmed is not None and (confirmed.status != "succeeded" or status == "failed"):
+                log.warning(
+                    "Monetbil event %s: callback said success, check-payment says %s", event_id, confirmed
+                )
+                metrics.monetbil_disagreements().inc()
         except Exception as error:
             # Kept on the event row (its own transaction, the first rolled
             # back) so the operator sees why it is waiting; then retried.
