@@ -5,6 +5,7 @@ local fake server."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,11 +41,19 @@ class StripeApiGateway:
     """Stripe through `stripe.StripeClient`. Library errors are turned into
     ProviderError where they arrive, so callers handle one family."""
 
-    def __init__(self, api_key: str, api_base: str, *, timeout: float = 10.0, max_retries: int = 2) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        api_base: str,
+        *,
+        timeout: float = 10.0,
+        max_retries: int = 2,
+        http_client: stripe.HTTPClient | None = None,
+    ) -> None:
         self._client = stripe.StripeClient(
             api_key or "sk_unconfigured",
             base_addresses={"api": api_base},
-            http_client=stripe.RequestsClient(timeout=timeout),
+            http_client=http_client or stripe.RequestsClient(timeout=timeout),
             max_network_retries=max_retries,
         )
         self._configured = bool(api_key)
@@ -76,6 +85,24 @@ class StripeApiGateway:
                 options={"idempotency_key": idempotency_key},
             )
         )
+
+    def list_payment_intents(self, *, created_gte: int) -> Iterator[PaymentIntent]:
+        """Every PaymentIntent created at or after `created_gte` (Unix time),
+        newest first; the library fetches the pages as they are consumed."""
+        if not self._configured:
+            raise ProviderError("Stripe is not configured (STRIPE_API_KEY is empty)")
+        params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": 100}
+        try:
+            for intent in self._client.v1.payment_intents.list(params=params).auto_paging_iter():  # type: ignore[arg-type]
+                yield PaymentIntent(
+                    id=intent.id,
+                    status=intent.status,
+                    amount=intent.amount,
+                    currency=intent.currency,
+                    metadata=intent.metadata.to_dict() if intent.metadata else {},
+                )
+        except stripe.StripeError as error:
+            raise ProviderError(f"Stripe: {error.user_message or error}", provider_code=error.code) from None
 
     def _call(self, request: Any) -> PaymentIntent:
         if not self._configured:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.gateways import MonetbilApiGateway, MonetbilGateway, StripeApiGateway, StripeGateway
-from ingress import errors
+from ingress import errors, jobs
 from ingress.admin import AdminAuth, Events, Orders, Products, ReservationStats
 from ingress.carts import Carts
 from ingress.checkout import Checkout, MonetbilLinks
@@ -68,6 +68,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     events = Events(c.sessions, inbox)
     app.add_route("/admin/events", events)
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
+    jobs.add_routes(app, c.sessions, s)
     app.add_route("/healthz", Healthz())
     app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))

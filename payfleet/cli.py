@@ -11,11 +11,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from payfleet import ops
+from payfleet import jobs_cli, ops
 from payfleet.config import ConfigError, Settings, load_settings
 from payfleet.db import migrate
 
-QUEUES = ("payments",)
+QUEUES = ("payments", "jobs", "notifications")
 
 
 def _ingress(settings: Settings, args: argparse.Namespace) -> int:
@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         run=_migrate
     )
     ops.add_commands(commands)
+    jobs_cli.add_commands(commands)
     return parser
 
 

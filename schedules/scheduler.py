@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from payfleet.config import Settings
 from payfleet.db import make_engine, make_sessions
+from schedules.claims import claimer_for
 from schedules.relay import OutboxRelay
 from workers.broker import build_broker
 from workers.publisher import EventPublisher
@@ -47,7 +48,7 @@ def tasks_for(settings: Settings) -> list[Task]:
         grace=settings.outbox_relay_grace_seconds,
         stuck_after=settings.outbox_stuck_after_seconds,
     )
-    return [relay.run_once]
+    return [relay.run_once, claimer_for(settings, sessions).run_once]
 
 
 def main(settings: Settings) -> None:

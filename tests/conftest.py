@@ -26,8 +26,10 @@ from payfleet.config import Settings, load_settings
 from payfleet.db import make_engine, make_sessions, migrate
 from tests.fakes.monetbil_server import FakeMonetbil
 from tests.fakes.stripe_server import FakeStripe
+from tests.fakes.whatsapp_server import ACCOUNT_SID, AUTH_TOKEN, SENDER, FakeWhatsApp
 from workers.actors import declare_actors
 from workers.broker import build_broker
+from workers.jobs import declare_job_actors, job_gateways
 
 PG_ADMIN_URL = os.environ.get("PAYFLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_HOST_PART = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
@@ -88,7 +90,11 @@ def fake_monetbil() -> Iterator[FakeMonetbil]:
 
 @pytest.fixture
 def env(
-    database_url: str, broker_url: str, fake_stripe: FakeStripe, fake_monetbil: FakeMonetbil
+    database_url: str,
+    broker_url: str,
+    fake_stripe: FakeStripe,
+    fake_monetbil: FakeMonetbil,
+    fake_whatsapp: FakeWhatsApp,
 ) -> dict[str, str]:
     """The environment a payfleet process gets in tests: short retry delays
     and relay grace, so failure paths finish in seconds."""
@@ -108,7 +114,19 @@ def env(
         "OUTBOX_RELAY_INTERVAL_SECONDS": "0.2",
         "OUTBOX_RELAY_GRACE_SECONDS": "0.5",
         "SCHEDULER_METRICS_PORT": "0",
+        "WHATSAPP_API_BASE": fake_whatsapp.base_url,
+        "WHATSAPP_ACCOUNT_SID": ACCOUNT_SID,
+        "WHATSAPP_AUTH_TOKEN": AUTH_TOKEN,
+        "WHATSAPP_FROM": SENDER,
+        "NOTIFICATION_RETRY_DELAYS_SECONDS": "0.2,0.4",
+        "NOTIFICATION_MAX_ATTEMPTS": "3",
     }
+
+
+@pytest.fixture
+def fake_whatsapp() -> Iterator[FakeWhatsApp]:
+    with FakeWhatsApp() as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -131,8 +149,9 @@ def _clean_state(request: pytest.FixtureRequest) -> None:
             conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
     if "broker_url" in request.fixturenames:
         broker = build_broker(load_settings({"BROKER_URL": request.getfixturevalue("broker_url")}))
-        broker.declare_queue("payments", ensure=True)
-        broker.flush("payments")
+        for queue in ("payments", "jobs", "notifications"):
+            broker.declare_queue(queue, ensure=True)
+            broker.flush(queue)
         broker.close()
 
 
@@ -163,6 +182,7 @@ def worker(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[dram
     """Real Dramatiq worker threads consuming the test vhost."""
     broker = build_broker(settings)
     declare_actors(broker, sessions, settings)
+    declare_job_actors(broker, sessions, settings, job_gateways(settings))
     running = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
     running.start()
     yield running

@@ -1,0 +1,135 @@
+"""The scheduler's job tick: claim each job's due slot, publish what was
+claimed, and republish claims whose publish never happened.
+
+Any number of replicas tick side by side. A slot is claimed by inserting its
+`(job, slot)` row; the unique key lets exactly one replica's INSERT in, and
+only that replica publishes. Slots missed while no scheduler ran are
+coalesced: the latest due slot runs once (if it is within the job's catch-up
+window) and the older ones are recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client import Counter
+from sqlalchemy.orm import Session, sessionmaker
+
+from payfleet.config import Settings
+from schedules import runs
+from schedules.jobs import Job, JobTable, job_table
+from workers.broker import build_broker
+from workers.job_messages import MessageSender, run_message
+
+log = logging.getLogger(__name__)
+
+CLAIMED = Counter("payfleet_job_slots_claimed_total", "Job slots this scheduler claimed", ["job", "state"])
+
+# How far back missed slots are recorded as skipped after an outage.
+SKIP_LOOKBACK = timedelta(days=35)
+
+
+class SlotClaimer:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        table: JobTable,
+        sender: MessageSender,
+        *,
+        republish_after: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._sessions, self._table, self._sender = sessions, table, sender
+        self._republish_after = timedelta(seconds=republish_after)
+        self._clock = clock
+        # The slot each job was last seen recorded at: ticks between two
+        # slots touch no table.
+        self._seen: dict[str, datetime] = {}
+        # Each job's current slot and the one after it: no cron arithmetic
+        # until the clock passes the next slot.
+        self._current: dict[str, tuple[datetime, datetime | None]] = {}
+
+    def run_once(self, now: datetime | None = None) -> list[int]:
+        """One tick; returns the ids of the runs it published."""
+        now = now or self._clock()
+        claimed = [found for job in self._table.jobs if (found := self._claim(job, now)) is not None]
+        published = self._publish(claimed)
+        return published + self.republish()
+
+    def _claim(self, job: Job, now: datetime) -> tuple[int, str] | None:
+        schedule = job.schedule(self._table.tz)
+        slot = self._latest(job, now)
+        if slot is None or self._seen.get(job.name) == slot:
+            return None
+        with self._sessions() as session:
+            if runs.slot_recorded(session, job.name, slot):
+                self._seen[job.name] = slot
+                return None
+            previous = runs.last_slot(session, job.name)
+            late = now - slot
+            state = "queued" if late <= job.catch_up else "skipped"
+            note = (
+                None if state == "queued" else f"found {late} late, past the {job.catch_up} catch-up window"
+            )
+            run_id = runs.claim(session, job.name, slot, state, note)
+            if run_id is None:
+                self._seen[job.name] = slot
+                return None  # another replica holds this slot
+            if previous is not None and previous < slot:
+                missed = schedule.between(max(previous, slot - SKIP_LOOKBACK), slot)[:-1]
+                runs.record_skipped(
+                    session, job.name, missed, f"missed while no scheduler ran; coalesced into run {run_id}"
+                )
+            session.commit()
+        self._seen[job.name] = slot
+        CLAIMED.labels(job.name, state).inc()
+        log.info("job %s slot %s claimed as run %s (%s)", job.name, slot.isoformat(), run_id, state)
+        return (run_id, job.actor) if state == "queued" else None
+
+    def _latest(self, job: Job, now: datetime) -> datetime | None:
+        known = self._current.get(job.name)
+        if known and known[0] <= now and (known[1] is None or now < known[1]):
+            return known[0]
+        schedule = job.schedule(self._table.tz)
+        slot = schedule.latest(now)
+        if slot is not None:
+            self._current[job.name] = (slot, schedule.next(slot))
+        return slot
+
+    def _publish(self, claimed: list[tuple[int, str]]) -> list[int]:
+        if not claimed:
+            return []
+        sent = self._sender.send([(run_id, run_message(actor, run_id)) for run_id, actor in claimed])
+        if sent:
+            with self._sessions() as session:
+                runs.mark_published(session, sent)
+                session.commit()
+        return sent
+
+    def republish(self) -> list[int]:
+        """Publish queued runs whose publish never happened; the rows stay
+        locked while publishing, so two schedulers never both send one."""
+        with self._sessions() as session:
+            waiting = runs.lock_unpublished(session, grace=self._republish_after)
+            messages = [
+                (run_id, run_message(job.actor, run_id))
+                for run_id, name in waiting
+                if (job := self._table.get(name)) is not None
+            ]
+            sent = self._sender.send(messages) if messages else []
+            runs.mark_published(session, sent)
+            session.commit()
+        if sent:
+            log.info("republished job runs %s", sent)
+        return sent
+
+
+def claimer_for(settings: Settings, sessions: sessionmaker[Session]) -> SlotClaimer:
+    return SlotClaimer(
+        sessions,
+        job_table(settings),
+        MessageSender(build_broker(settings)),
+        republish_after=settings.outbox_relay_grace_seconds,
+    )

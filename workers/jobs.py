@@ -1,0 +1,337 @@
+"""The maintenance job actors (queue `jobs`) and the review request sender
+(queue `notifications`).
+
+A job message carries its run id. The actor takes the job's lock (a
+PostgreSQL advisory lock on a connection of its own, released by PostgreSQL
+itself if the worker dies), so two runs of one job never overlap; then it
+moves the run to `running`, does the work in one transaction per batch, and
+records the outcome. A message for a finished run does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dramatiq
+from dramatiq import Broker
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from domain import maintenance
+from domain.gateways import MonetbilApiGateway, StripeApiGateway
+from domain.maintenance import PaymentChecker, StripeIntents
+from domain.messaging import MessagingError, WhatsAppApiGateway, WhatsAppGateway
+from domain.throttle import RateLimiter, ThrottledRequestsClient
+from payfleet.config import Settings
+from schedules import runs
+from schedules.jobs import JobTable, job_table
+from schedules.runs import StartedRun
+from workers.job_messages import (
+    JOBS_QUEUE,
+    NOTIFICATIONS_QUEUE,
+    SEND_REVIEW_REQUEST,
+    MessageSender,
+    review_request_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobGateways:
+    stripe: StripeIntents
+    monetbil: PaymentChecker | None
+    whatsapp: WhatsAppGateway
+
+
+def job_gateways(settings: Settings) -> JobGateways:
+    """The providers the jobs talk to. Stripe calls are paced to
+    STRIPE_MAX_RPS, and a 429 waits and asks again."""
+    throttled = ThrottledRequestsClient(
+        RateLimiter(settings.stripe_max_rps), timeout=settings.stripe_timeout_seconds
+    )
+    stripe = StripeApiGateway(
+        settings.stripe_api_key,
+        settings.stripe_api_base,
+        timeout=settings.stripe_timeout_seconds,
+        http_client=throttled,
+    )
+    whatsapp = WhatsAppApiGateway(
+        settings.whatsapp_api_base,
+        settings.whatsapp_account_sid,
+        settings.whatsapp_auth_token,
+        settings.whatsapp_from,
+        timeout=settings.whatsapp_timeout_seconds,
+    )
+    monetbil = MonetbilApiGateway(
+        settings.monetbil_service_key, settings.monetbil_api_base, timeout=settings.monetbil_timeout_seconds
+    )
+    return JobGateways(stripe=stripe, monetbil=monetbil, whatsapp=whatsapp)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    sessions: sessionmaker[Session]
+    settings: Settings
+    gateways: JobGateways
+    sender: MessageSender
+    clock: Callable[[], datetime]
+
+
+Work = Callable[[JobContext, StartedRun, Counter[str]], None]
+
+
+def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    after: uuid.UUID | None = None
+    while True:
+        with c.sessions() as session:
+            batch, after = maintenance.expire_stale_orders(
+                session, c.gateways.stripe, c.gateways.monetbil, c.clock(), after=after
+            )
+            session.commit()
+        counts.update(batch)
+        if after is None:
+            return
+
+
+def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    now = c.clock()
+    window = timedelta(seconds=c.settings.order_payment_window_seconds)
+    seen: set[str] = set()
+    after: uuid.UUID | None = None
+    while True:
+        with c.sessions() as session:
+            batch, ids, after = maintenance.sweep_open_payments(
+                session, c.gateways.stripe, now, window, after=after
+            )
+            session.commit()
+        counts.update(batch)
+        seen.update(ids)
+        if after is None:
+            break
+    # Then what Stripe itself lists for the last 8 days: intents this
+    # database lost track of, or whose payment looks settled but is not.
+    since = int((now - timedelta(days=8)).timestamp())
+    listed = iter(c.gateways.stripe.list_payment_intents(created_gte=since))
+    while batch_of := _take(listed, 50, skip=seen):
+        with c.sessions() as session:
+            for intent in batch_of:
+                counts["listed"] += 1
+                counts.update(maintenance.sync_listed_intent(session, c.gateways.stripe, intent, now, window))
+            session.commit()
+
+
+def _take(items: Any, size: int, *, skip: set[str]) -> list[Any]:
+    batch: list[Any] = []
+    for item in items:
+        if item.id not in skip:
+            batch.append(item)
+        if len(batch) == size:
+            break
+    return batch
+
+
+def _clean_expired_carts(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    while True:
+        with c.sessions() as session:
+            deleted = maintenance.delete_expired_carts(session, c.clock())
+            session.commit()
+        counts["carts_deleted"] += deleted
+        if deleted == 0:
+            return
+
+
+def _request_reviews(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    # A scheduled run asks about the week before its slot, so a late
+    # catch-up run covers the same orders the on-time run would have.
+    reference = run.slot or c.clock()
+    while True:
+        with c.sessions() as session:
+            batch, to_send = maintenance.request_reviews(session, reference, run.id)
+            session.commit()
+        counts.update(batch)
+        counts["published"] += _publish_requests(c, to_send)
+        if not to_send and not batch:
+            break
+    # Requests recorded by an earlier run whose message never left.
+    with c.sessions() as session:
+        stale = maintenance.unsent_review_requests(session, c.clock() - timedelta(minutes=10))
+    counts["republished"] += _publish_requests(c, stale)
+
+
+def _publish_requests(c: JobContext, request_ids: list[int]) -> int:
+    return len(c.sender.send([(rid, review_request_message(rid)) for rid in request_ids]))
+
+
+def _release_expired_reservations(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    ttl = timedelta(seconds=c.settings.reservation_ttl_seconds)
+    after: uuid.UUID | None = None
+    while True:
+        with c.sessions() as session:
+            batch, after = maintenance.release_expired_reservations(session, c.clock(), ttl, after=after)
+            session.commit()
+        counts.update(batch)
+        if after is None:
+            return
+
+
+WORK: dict[str, Work] = {
+    "expire-stale-orders": _expire_stale_orders,
+    "cleanup-stale-payment-intents": _cleanup_stale_payment_intents,
+    "clean-expired-carts": _clean_expired_carts,
+    "request-reviews": _request_reviews,
+    "release-expired-reservations": _release_expired_reservations,
+}
+
+
+class JobRunner:
+    """Runs one job run under the job's advisory lock and records it."""
+
+    def __init__(self, context: JobContext, table: JobTable) -> None:
+        self._c, self._table = context, table
+        bind = context.sessions.kw["bind"]
+        assert isinstance(bind, Engine)
+        self._engine = bind
+
+    def execute(self, run_id: int) -> str:
+        with self._c.sessions() as session:
+            found = runs.state_of(session, run_id)
+        if found is None:
+            return "missing"
+        job, state = found
+        if state in runs.FINISHED:
+            return state
+        with self._engine.connect() as lock:
+            if not _try_lock(lock, job):
+                return self._overlapping(run_id, job)
+            try:
+                return self._run(run_id)
+            finally:
+                lock.execute(
+                    text("SELECT pg_advisory_unlock(hashtext('payfleet-job'), hashtext(:job))"), {"job": job}
+                )
+                lock.commit()
+
+    def _overlapping(self, run_id: int, job: str) -> str:
+        with self._c.sessions() as session:
+            skipped = runs.skip_if_queued(session, run_id, f"another run of {job} was in progress")
+            session.commit()
+        return "skipped" if skipped else "in progress elsewhere"
+
+    def _run(self, run_id: int) -> str:
+        with self._c.sessions() as session:
+            run = runs.begin(session, run_id)
+            session.commit()
+        if run is None:
+            return "finished already"
+        counts: Counter[str] = Counter()
+        state, error = "succeeded", None
+        started = time.monotonic()
+        try:
+            WORK[run.job](self._c, run, counts)
+        except Exception as failure:
+            # The batches already committed stay done; the counts say how far it got.
+            log.exception("job %s run %s failed", run.job, run.id)
+            state, error = "failed", f"{type(failure).__name__}: {failure}"
+        with self._c.sessions() as session:
+            runs.finish(session, run.id, state, counts, error)
+            session.commit()
+        log.info(
+            "job %s run %s %s in %.2fs: %s", run.job, run.id, state, time.monotonic() - started, dict(counts)
+        )
+        return state
+
+
+def _try_lock(connection: Connection, job: str) -> bool:
+    # A session-level lock outlives the transaction, so commit straight away:
+    # the connection then holds the lock without sitting idle in a transaction.
+    locked = connection.execute(
+        text("SELECT pg_try_advisory_lock(hashtext('payfleet-job'), hashtext(:job))"), {"job": job}
+    ).scalar()
+    connection.commit()
+    return bool(locked)
+
+
+def declare_job_actors(
+    broker: Broker, sessions: sessionmaker[Session], settings: Settings, gateways: JobGateways
+) -> JobRunner:
+    table = job_table(settings)
+    context = JobContext(sessions, settings, gateways, MessageSender(broker), lambda: datetime.now(UTC))
+    runner = JobRunner(context, table)
+    for job in table.jobs:
+        _declare_job(broker, job.actor, runner, settings)
+    _declare_notifications(broker, sessions, settings, gateways.whatsapp)
+    return runner
+
+
+def _declare_job(broker: Broker, actor_name: str, runner: JobRunner, settings: Settings) -> None:
+    def run_job(run_id: int) -> None:
+        log.info("%s run %s: %s", actor_name, run_id, runner.execute(run_id))
+
+    # A failed job is recorded on its run, not retried: the next slot runs it
+    # again. Retries only cover failing to record (PostgreSQL down), and a
+    # redelivery after that finds the run still `running` and runs it again.
+    dramatiq.actor(
+        broker=broker,
+        actor_name=actor_name,
+        queue_name=JOBS_QUEUE,
+        max_retries=3,
+        retry_delays=(5_000, 30_000, 60_000),
+        time_limit=int(settings.job_time_limit_seconds * 1000),
+    )(run_job)
+
+
+class PermanentSendFailure(Exception):
+    """The messaging API refused for good (a bad number, bad credentials)."""
+
+
+def _declare_notifications(
+    broker: Broker, sessions: sessionmaker[Session], settings: Settings, whatsapp: WhatsAppGateway
+) -> None:
+    def send_review_request(request_id: int) -> None:
+        try:
+            with sessions() as session:
+                status = maintenance.send_review_request(session, request_id, whatsapp)
+                session.commit()
+        except MessagingError as error:
+            # Kept on the row (its own transaction, the first rolled back).
+            with sessions() as session:
+                maintenance.record_send_failure(session, request_id, error, final=not error.retryable)
+                session.commit()
+            if not error.retryable:
+                raise PermanentSendFailure(str(error)) from None
+            raise
+        log.info("review request %s: %s", request_id, status)
+
+    dramatiq.actor(
+        broker=broker,
+        actor_name=SEND_REVIEW_REQUEST,
+        queue_name=NOTIFICATIONS_QUEUE,
+        max_retries=settings.notification_max_attempts - 1,
+        retry_delays=tuple(int(delay * 1000) for delay in settings.notification_retry_delays_seconds),
+        throws=(PermanentSendFailure,),
+        on_retry_exhausted="give_up_review_request",
+    )(send_review_request)
+
+    def give_up_review_request(message: dict[str, Any], retry_info: dict[str, Any]) -> None:
+        request_id = int(message["args"][0])
+        with sessions() as session:
+            status = maintenance.give_up_review_request(session, request_id)
+            session.commit()
+        log.warning(
+            "review request %s gave up after %s retries: %s", request_id, retry_info.get("retries"), status
+        )
+
+    dramatiq.actor(
+        broker=broker,
+        actor_name="give_up_review_request",
+        queue_name=NOTIFICATIONS_QUEUE,
+        max_retries=5,
+    )(give_up_review_request)
