@@ -1,0 +1,96 @@
+"""Running maintenance jobs in tests: a JobRunner wired like a worker's, a
+manual run executed in the test's own thread, and orders made stale."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from falcon import testing
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from payfleet.config import Settings
+from schedules import runs
+from schedules.jobs import job_table
+from tests.support.shop import checkout
+from workers.broker import build_broker
+from workers.job_messages import MessageSender
+from workers.jobs import JobContext, JobRunner, job_gateways
+
+
+@contextmanager
+def job_runner(
+    sessions: sessionmaker[Session], settings: Settings, clock: Callable[[], datetime] | None = None
+) -> Iterator[JobRunner]:
+    broker = build_broker(settings)
+    context = JobContext(
+        sessions,
+        settings,
+        job_gateways(settings),
+        MessageSender(broker),
+        clock or (lambda: datetime.now(UTC)),
+    )
+    try:
+        yield JobRunner(context, job_table(settings))
+    finally:
+        broker.close()
+
+
+def run_job(runner: JobRunner, sessions: sessionmaker[Session], name: str) -> dict[str, Any]:
+    """A manual run of `name`, executed here and now; returns its record."""
+    with sessions() as session:
+        run_id = runs.create_manual(session, name)
+        session.commit()
+    runner.execute(run_id)
+    with sessions() as session:
+        run = runs.get(session, run_id)
+    assert run is not None
+    return run
+
+
+def stripe_order(client: testing.TestClient, sku: str, quantity: int = 1) -> tuple[str, str]:
+    """Check out through the API; returns (order id, PaymentIntent id)."""
+    answer = checkout(client, (sku, quantity))
+    assert answer.status_code == 201, answer.text
+    return answer.json["order_id"], answer.json["payment"]["provider_payment_id"]
+
+
+def make_stale(sessions: sessionmaker[Session], *order_ids: str, age: str = "2 hours") -> None:
+    """Orders (and their payments and reservations) placed `age` ago, so their window has passed."""
+    with sessions() as session:
+        for order_id in order_ids:
+            params = {"id": order_id, "age": age}
+            session.execute(
+                text(
+                    "UPDATE orders SET expires_at = now() - CAST(:age AS interval) + interval '30 minutes', "
+                    "created_at = now() - CAST(:age AS interval) WHERE id = :id"
+                ),
+                params,
+            )
+            session.execute(
+                text("UPDATE payments SET created_at = now() - CAST(:age AS interval) WHERE order_id = :id"),
+                params,
+            )
+            session.execute(
+                text(
+                    "UPDATE stock_reservations SET created_at = now() - CAST(:age AS interval) "
+                    "WHERE order_id = :id"
+                ),
+                params,
+            )
+        session.commit()
+
+
+def order_status(sessions: sessionmaker[Session], order_id: str) -> tuple[str, str]:
+    with sessions() as session:
+        row = session.execute(
+            text(
+                "SELECT o.status, p.status FROM orders o JOIN payments p ON p.order_id = o.id "
+                "WHERE o.id = :id"
+            ),
+            {"id": order_id},
+        ).one()
+    return row[0], row[1]

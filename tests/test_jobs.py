@@ -1,0 +1,234 @@
+"""The other jobs, the run records and starting a run by hand, against the
+real PostgreSQL and RabbitMQ, with a fake WhatsApp API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+
+from domain.models import Cart, Order
+from schedules import runs
+from tests.conftest import eventually, scalar
+from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
+from tests.support.shop import ADMIN, product, put_product
+from workers.broker import build_broker
+from workers.job_messages import review_request_message
+
+
+def completed_order(sessions: Any, days_ago: float, phone: str | None = "+33611111111") -> uuid.UUID:
+    order_id = uuid.uuid4()
+    with sessions() as session:
+        completed = datetime.now(UTC) - timedelta(days=days_ago)
+        session.add(
+            Order(
+                id=order_id,
+                status="completed",
+                currency="EUR",
+                total_amount=1500,
+                customer_phone=phone,
+                expires_at=completed,
+                completed_at=completed,
+            )
+        )
+        session.commit()
+    return order_id
+
+
+def requests_by_status(sessions: Any) -> dict[str, int]:
+    with sessions() as session:
+        return dict(
+            session.execute(text("SELECT status, count(*) FROM review_requests GROUP BY status")).all()
+        )
+
+
+def test_reviews_are_requested_once_per_order_whatever_runs_and_redeliveries(
+    sessions, settings, worker, fake_whatsapp
+):
+    asked = [completed_order(sessions, 7.5), completed_order(sessions, 7.9, phone="+33622222222")]
+    completed_order(sessions, 7.2, phone=None)  # no phone: skipped and counted
+    completed_order(sessions, 3)  # too recent
+    completed_order(sessions, 9)  # too old
+    with job_runner(sessions, settings) as runner:
+        first = run_job(runner, sessions, "request-reviews")
+        second = run_job(runner, sessions, "request-reviews")
+    assert first["counts"] == {"requested": 2, "skipped_no_phone": 1, "published": 2, "republished": 0}
+    assert second["counts"].get("requested", 0) == 0
+    eventually(lambda: requests_by_status(sessions) == {"sent": 2, "skipped": 1})
+    # The same messages delivered again: nothing more is sent.
+    broker = build_broker(settings)
+    for request_id in scalar_ids(sessions):
+        broker.enqueue(review_request_message(request_id))
+        broker.enqueue(review_request_message(request_id))
+    broker.close()
+    eventually(lambda: worker.broker.join("notifications", timeout=10_000) is None)
+    sent = fake_whatsapp.messages
+    assert len(sent) == 2
+    assert sorted(m.to for m in sent) == ["whatsapp:+33611111111", "whatsapp:+33622222222"]
+    assert all(m.sender == "whatsapp:" + settings.whatsapp_from and "review" in m.body for m in sent)
+    assert scalar(sessions, "SELECT count(DISTINCT order_id) FROM review_requests") == 3
+    assert {str(o) for o in asked} == {
+        str(o) for o in scalar_list(sessions, "SELECT order_id FROM review_requests WHERE status = 'sent'")
+    }
+
+
+def scalar_ids(sessions: Any) -> list[int]:
+    return [int(i) for i in scalar_list(sessions, "SELECT id FROM review_requests WHERE status <> 'skipped'")]
+
+
+def scalar_list(sessions: Any, sql: str) -> list[Any]:
+    with sessions() as session:
+        return list(session.execute(text(sql)).scalars())
+
+
+def test_a_failing_whatsapp_api_is_retried_then_the_request_is_marked_failed(
+    sessions, settings, worker, fake_whatsapp
+):
+    fake_whatsapp.fail_all(503)
+    completed_order(sessions, 7.5)
+    with job_runner(sessions, settings) as runner:
+        run_job(runner, sessions, "request-reviews")
+    eventually(lambda: requests_by_status(sessions) == {"failed": 1}, timeout=20)
+    assert fake_whatsapp.attempts == settings.notification_max_attempts == 3
+    assert scalar(sessions, "SELECT attempts FROM review_requests") == 3
+    assert "503" in scalar(sessions, "SELECT last_error FROM review_requests")
+    assert fake_whatsapp.messages == []
+
+
+def test_a_refused_number_fails_at_once(sessions, settings, worker, fake_whatsapp):
+    fake_whatsapp.fail_all(400)
+    completed_order(sessions, 7.5)
+    with job_runner(sessions, settings) as runner:
+        run_job(runner, sessions, "request-reviews")
+    eventually(lambda: requests_by_status(sessions) == {"failed": 1})
+    assert fake_whatsapp.attempts == 1
+
+
+def test_expired_carts_are_deleted_in_batches(sessions, settings):
+    now = datetime.now(UTC)
+    with sessions() as session:
+        session.add_all(Cart(expires_at=now - timedelta(minutes=1 + n)) for n in range(1203))
+        session.add_all(Cart(expires_at=now + timedelta(hours=1)) for _ in range(3))
+        session.commit()
+    with job_runner(sessions, settings) as runner:
+        run = run_job(runner, sessions, "clean-expired-carts")
+    assert run["state"] == "succeeded" and run["counts"] == {"carts_deleted": 1203}
+    assert scalar(sessions, "SELECT count(*) FROM carts") == 3
+
+
+def test_old_reservations_of_unpaid_orders_are_released(client, sessions, settings, fake_stripe):
+    put_product(client, "RES", 10)
+    old, _ = stripe_order(client, "RES", 2)
+    stripe_order(client, "RES", 3)  # young: its reservation stays
+    make_stale(sessions, old, age="31 minutes")
+    with job_runner(sessions, settings) as runner:
+        run = run_job(runner, sessions, "release-expired-reservations")
+        again = run_job(runner, sessions, "release-expired-reservations")
+    assert run["counts"] == {"orders_released": 1, "units_released": 2}
+    assert again["counts"] == {}
+    assert product(client, "RES")["reserved"] == 3
+    assert order_status(sessions, old) == ("pending_payment", "pending")
+
+
+def test_two_runs_of_one_job_never_overlap_and_a_finished_run_is_not_run_again(sessions, settings, engine):
+    with sessions() as session:
+        first, second = (
+            runs.create_manual(session, "clean-expired-carts"),
+            runs.create_manual(session, "clean-expired-carts"),
+        )
+        session.commit()
+    with job_runner(sessions, settings) as runner, engine.connect() as holder:
+        # Another worker is running the job: it holds the job's lock.
+        holder.execute(
+            text("SELECT pg_advisory_lock(hashtext('payfleet-job'), hashtext('clean-expired-carts'))")
+        )
+        assert runner.execute(first) == "skipped"
+        holder.execute(text("SELECT pg_advisory_unlock_all()"))
+        assert runner.execute(second) == "succeeded"
+        assert runner.execute(second) == "succeeded"  # redelivered: nothing happens
+    with sessions() as session:
+        skipped, done = runs.get(session, first), runs.get(session, second)
+    assert skipped and skipped["state"] == "skipped" and "in progress" in skipped["error"]
+    assert done and done["attempts"] == 1 and done["duration_seconds"] is not None
+
+
+def test_a_manual_run_through_the_admin_api(client, sessions, worker):
+    with sessions() as session:
+        session.add(Cart(expires_at=datetime.now(UTC) - timedelta(days=1)))
+        session.commit()
+    assert client.simulate_post("/admin/jobs/clean-expired-carts/run").status_code == 401
+    assert client.simulate_post("/admin/jobs/no-such-job/run", headers=ADMIN).status_code == 404
+    answer = client.simulate_post("/admin/jobs/clean-expired-carts/run", headers=ADMIN)
+    assert answer.status_code == 202 and answer.json["published"] is True
+    run_id = answer.json["run_id"]
+
+    def finished() -> Any:
+        found = client.simulate_get(
+            "/admin/jobs/runs", params={"job": "clean-expired-carts"}, headers=ADMIN
+        ).json
+        return [r for r in found["runs"] if r["id"] == run_id and r["state"] == "succeeded"]
+
+    [run] = eventually(finished)
+    assert run["trigger"] == "manual" and run["counts"] == {"carts_deleted": 1}
+    jobs = client.simulate_get("/admin/jobs", headers=ADMIN).json["jobs"]
+    assert [j["name"] for j in jobs] == [
+        "expire-stale-orders",
+        "cleanup-stale-payment-intents",
+        "clean-expired-carts",
+        "request-reviews",
+        "release-expired-reservations",
+    ]
+    carts = jobs[2]
+    assert carts["cron"] == "0 * * * *" and carts["time_zone"] == "Europe/Paris"
+    assert carts["last_run"]["id"] == run_id
+    next_utc = datetime.fromisoformat(carts["next_run"]["utc"])
+    assert next_utc.minute == 0 and next_utc > datetime.now(UTC)
+    assert datetime.fromisoformat(carts["next_run"]["local"]) == next_utc
+    metrics = client.simulate_get("/admin/jobs/metrics", headers=ADMIN).json
+    assert metrics["paymentsExpiredTotal"] == 0
+    assert metrics["jobExecutionTime"]["clean-expired-carts"] >= 0
+    assert "clean-expired-carts" in metrics["lastExecutionTime"]
+    assert client.simulate_get("/admin/jobs/runs", params={"job": "nope"}, headers=ADMIN).status_code == 400
+
+
+def test_metrics_are_summed_from_the_run_records(client, sessions, settings, fake_stripe):
+    put_product(client, "MET", 10)
+    orders = [stripe_order(client, "MET", 2)[0] for _ in range(3)]
+    make_stale(sessions, *orders)
+    with job_runner(sessions, settings) as runner:
+        run_job(runner, sessions, "expire-stale-orders")
+    metrics = client.simulate_get("/admin/jobs/metrics", headers=ADMIN).json
+    assert metrics["paymentsExpiredTotal"] == 3
+    assert metrics["paymentIntentsCanceledTotal"] == 3
+    assert metrics["stockReleasedTotal"] == 6
+
+
+def test_payfleet_jobs_run_wait_from_the_command_line(env, sessions, worker):
+    with sessions() as session:
+        session.add_all([Cart(expires_at=datetime.now(UTC) - timedelta(days=1)) for _ in range(2)])
+        session.commit()
+
+    def payfleet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "payfleet.cli", *args],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = payfleet("jobs", "run", "clean-expired-carts", "--wait", "--timeout", "30")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = json.loads(done.stdout[done.stdout.index("{") :])
+    assert run["state"] == "succeeded" and run["counts"] == {"carts_deleted": 2}
+    listed = json.loads(payfleet("jobs", "list").stdout)
+    assert len(listed) == 5 and listed[2]["last_run"]["id"] == run["id"]
+    history = json.loads(payfleet("jobs", "runs", "--job", "clean-expired-carts").stdout)
+    assert [r["id"] for r in history] == [run["id"]]
+    assert payfleet("jobs", "run", "no-such-job").returncode == 2

@@ -1,0 +1,157 @@
+"""The payment jobs against the real PostgreSQL and RabbitMQ and the real
+stripe library talking to the fake Stripe server: expiring stale orders
+(also racing the payment path) and the weekly PaymentIntent sweep."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+from tests.conftest import eventually, scalar
+from tests.fakes.stripe_server import CANCELABLE_STATUSES, FakeStripe
+from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
+from tests.support.shop import deliver, intent_event, product, put_product
+
+
+def cancels(fake_stripe: FakeStripe, intent_id: str) -> int:
+    return fake_stripe.count("POST", f"/v1/payment_intents/{intent_id}/cancel")
+
+
+def test_expire_asks_stripe_first_and_expires_only_what_cannot_be_paid(
+    client, sessions, settings, fake_stripe
+):
+    put_product(client, "TEE-M", 10)
+    orders = {
+        name: stripe_order(client, "TEE-M") for name in ("abandoned", "paid", "processing", "error", "fresh")
+    }
+    make_stale(sessions, *(order for name, (order, _) in orders.items() if name != "fresh"))
+    fake_stripe.set_status(orders["paid"][1], "succeeded")  # its webhook never came
+    fake_stripe.set_status(orders["processing"][1], "processing")
+    with job_runner(sessions, settings) as runner:
+        fake_stripe.fail_next(3, 500)  # the first retrieve fails, library retries included
+        run = run_job(runner, sessions, "expire-stale-orders")
+        assert run["state"] == "succeeded", run
+        failed = [
+            name
+            for name, (order, _) in orders.items()
+            if order_status(sessions, order) == ("pending_payment", "pending")
+        ]
+        again = run_job(runner, sessions, "expire-stale-orders")
+
+    assert run["counts"]["examined"] == 4
+    assert run["counts"]["provider_errors"] == 1
+    assert run["counts"]["left_processing"] == 1
+    # The order whose retrieve failed (the first by id) stayed pending for the next run.
+    assert len(failed) == 3 and {"processing", "fresh"} < set(failed)
+    # After the second run every stale order is settled the way Stripe says.
+    assert order_status(sessions, orders["abandoned"][0]) == ("expired", "canceled")
+    assert order_status(sessions, orders["error"][0]) == ("expired", "canceled")
+    assert order_status(sessions, orders["paid"][0]) == ("paid", "succeeded")
+    assert order_status(sessions, orders["processing"][0]) == ("pending_payment", "pending")
+    assert order_status(sessions, orders["fresh"][0]) == ("pending_payment", "pending")
+    assert fake_stripe.get(orders["abandoned"][1])["cancellation_reason"] == "abandoned"
+    assert cancels(fake_stripe, orders["paid"][1]) == 0
+    assert again["counts"].get("expired", 0) + run["counts"].get("expired", 0) == 2
+    assert again["counts"].get("payment_intents_canceled", 0) + run["counts"]["payment_intents_canceled"] == 2
+    # Ten on hand: one sold, two held (processing, fresh), two given back.
+    assert product(client, "TEE-M")["on_hand"] == 9
+    assert product(client, "TEE-M")["reserved"] == 2
+
+
+def test_expire_and_payment_race_every_order_ends_paid_or_expired(
+    client, sessions, settings, fake_stripe, worker
+):
+    count = 40
+    put_product(client, "RACE", count)
+    placed = [stripe_order(client, "RACE") for _ in range(count)]
+    make_stale(sessions, *(order for order, _ in placed))
+    paid_at_stripe: set[str] = set()
+
+    def customers_pay() -> None:
+        # Each customer pays at the last second, if Stripe still lets them
+        # (a cancelled PaymentIntent cannot succeed), and Stripe says so by webhook.
+        for order_id, intent in placed[::2] + placed[1::2]:
+            with fake_stripe._lock:
+                if fake_stripe.get(intent)["status"] not in CANCELABLE_STATUSES:
+                    continue
+                fake_stripe.set_status(intent, "succeeded")
+            paid_at_stripe.add(order_id)
+            assert deliver(client, intent_event("payment_intent.succeeded", intent)).status_code == 200
+
+    payer = threading.Thread(target=customers_pay)
+    with job_runner(sessions, settings) as runner:
+        payer.start()
+        run = run_job(runner, sessions, "expire-stale-orders")
+        payer.join()
+        # What the job skipped because a webhook held its row is left to the payment path.
+    assert run["state"] == "succeeded"
+
+    def settled() -> bool:
+        return bool(scalar(sessions, "SELECT count(*) FROM orders WHERE status = 'pending_payment'") == 0)
+
+    eventually(settled, timeout=30)
+    paid = expired = 0
+    for order_id, intent in placed:
+        status, payment = order_status(sessions, order_id)
+        stripe_status = fake_stripe.get(intent)["status"]
+        if order_id in paid_at_stripe:
+            assert (status, payment, stripe_status) == ("paid", "succeeded", "succeeded"), order_id
+            assert cancels(fake_stripe, intent) <= 1  # a cancel refused: it had just succeeded
+            paid += 1
+        else:
+            assert (status, payment, stripe_status) == ("expired", "canceled", "canceled"), order_id
+            expired += 1
+    assert paid + expired == count
+    stock = product(client, "RACE")
+    assert stock["on_hand"] == count - paid and stock["reserved"] == 0
+    assert (
+        scalar(sessions, "SELECT count(*) FROM stock_movements WHERE sku = 'RACE' AND type = 'sale'") == paid
+    )
+
+
+def test_the_weekly_sweep_repairs_cancels_and_never_cancels_a_success_despite_429s(
+    client, sessions, settings, fake_stripe
+):
+    put_product(client, "SWEEP", 20)
+    missed_webhook = stripe_order(client, "SWEEP")
+    abandoned = stripe_order(client, "SWEEP")
+    processing = stripe_order(client, "SWEEP")
+    payable = stripe_order(client, "SWEEP")
+    already_paid = stripe_order(client, "SWEEP")
+    make_stale(sessions, missed_webhook[0], abandoned[0], processing[0], already_paid[0])
+    fake_stripe.set_status(missed_webhook[1], "succeeded")
+    fake_stripe.set_status(processing[1], "processing")
+    fake_stripe.set_status(already_paid[1], "succeeded")
+    assert deliver(client, intent_event("payment_intent.succeeded", already_paid[1])).status_code == 200
+    orphan = fake_stripe.add_payment_intent(
+        metadata={"payment_id": str(uuid.uuid4())}
+    )  # checkout rolled back
+    foreign = fake_stripe.add_payment_intent(metadata={})  # not ours: left alone
+    succeeded_orphan = fake_stripe.add_payment_intent(
+        status="succeeded", metadata={"payment_id": str(uuid.uuid4())}
+    )
+    for n in range(120):  # enough listed intents for several pages
+        fake_stripe.add_payment_intent(id=f"pi_other_{n:03d}", status="succeeded")
+
+    fake_stripe.rate_limit(4)
+    with job_runner(sessions, settings) as runner:
+        run = run_job(runner, sessions, "cleanup-stale-payment-intents")
+    fake_stripe.rate_limit(None)
+
+    assert run["state"] == "succeeded", run
+    assert fake_stripe.throttled > 0
+    assert run["counts"].get("provider_errors", 0) == 0
+    assert run["counts"]["listed"] >= 120
+    assert order_status(sessions, missed_webhook[0]) == ("paid", "succeeded")
+    assert order_status(sessions, abandoned[0]) == ("expired", "canceled")
+    assert fake_stripe.get(abandoned[1])["status"] == "canceled"
+    assert order_status(sessions, processing[0]) == ("pending_payment", "pending")
+    assert order_status(sessions, payable[0]) == ("pending_payment", "pending")
+    assert fake_stripe.get(payable[1])["status"] == "requires_payment_method"
+    assert order_status(sessions, already_paid[0]) == ("paid", "succeeded")
+    assert fake_stripe.get(orphan["id"])["status"] == "canceled"
+    assert fake_stripe.get(foreign["id"])["status"] == "requires_payment_method"
+    for intent in (missed_webhook[1], already_paid[1], succeeded_orphan["id"]):
+        assert fake_stripe.get(intent)["status"] == "succeeded"
+        assert cancels(fake_stripe, intent) == 0
+    assert product(client, "SWEEP")["on_hand"] == 18
