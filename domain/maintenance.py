@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from domain import payments, stock
 from domain.errors import ProviderError
-from domain.gateways import PaymentIntent
+from domain.gateways import MonetbilCheck, PaymentIntent
 from domain.messaging import WhatsAppGateway
 from domain.models import (
     Cart,
@@ -61,7 +61,7 @@ class StripeIntents(Protocol):
 
 
 class PaymentChecker(Protocol):
-    def check_payment(self, transaction_id: str) -> str: ...
+    def check_transaction(self, transaction_id: str) -> MonetbilCheck: ...
 
 
 def cancel_key(intent_id: str) -> str:
@@ -207,12 +207,19 @@ def _settle_monetbil(
         return _expired(session, payment, order, "no Monetbil transaction", "canceled")
     if monetbil is None:
         raise ProviderError("Monetbil is not configured")
-    status = monetbil.check_payment(payment.provider_payment_id)
-    if status == "succeeded":
+    check = monetbil.check_transaction(payment.provider_payment_id)
+    status = check.status
+    if check.covers(payment.amount, payment.currency):
         apply_payment_status(
             session, payment, "succeeded", reason="expire-stale-orders: Monetbil says succeeded"
         )
         return Counter({"paid": 1})
+    if status == "succeeded":
+        # Paid, but not this payment's amount: it does not pay the order.
+        reason = (
+            f"Monetbil reports {check.amount} {check.currency} paid, not {payment.amount} {payment.currency}"
+        )
+        return _expired(session, payment, order, reason, "failed") + Counter({"underpaid": 1})
     if status in _MONETBIL_FINAL:
         return _expired(session, payment, order, f"Monetbil says {status}", _MONETBIL_FINAL[status])
     return Counter({"left_processing": 1})
