@@ -3,6 +3,8 @@ only a success for the payment's full amount pays the order."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.conftest import eventually, scalar
 from tests.support.jobs import job_runner, make_stale, order_status, run_job
 from tests.support.shop import monetbil_checkout, post_callback, product, put_product
@@ -14,7 +16,7 @@ def _order(client) -> str:
     return str(answer.json["order_id"])
 
 
-def _pending(client, sessions, fake_monetbil, order_id: str) -> dict[str, str]:
+def _pending(client, sessions, fake_monetbil, order_id: str) -> Any:
     """A `pending` callback teaches the payment its Monetbil transaction id."""
     callback = fake_monetbil.pay(order_id, status="pending")
     assert post_callback(client, callback).text == "received"
