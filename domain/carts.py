@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from domain.errors import Conflict, Gone, InvalidRequest, NotFound, UnknownSku
@@ -95,3 +95,9 @@ def _cart(session: Session, cart_id: str, *, lock: bool) -> Cart:
     if cart is None:
         raise NotFound(f"no cart {cart_id!r}")
     return cart
+
+
+def release_from(session: Session, order_id: uuid.UUID) -> None:
+    """The order a cart became never started its payment: the cart is the
+    customer's again, to check out once more."""
+    session.execute(update(Cart).where(Cart.order_id == order_id).values(order_id=None, checked_out_at=None))

@@ -88,6 +88,7 @@ def abandon_checkout(session: Session, order_id: uuid.UUID, reason: str) -> None
     payment = _payment_of(session, order_id)
     order = session.get_one(Order, order_id, with_for_update=True)
     stock.release(session, order_id)
+    carts.release_from(session, order_id)
     _move_payment(session, order, payment, "failed", reason, None)
     _move_order(session, order, "failed", reason, None)
 
