@@ -244,17 +244,22 @@ def record_return(session: Session, order_id: uuid.UUID, lines: tuple[stock.Line
     more units per SKU than the order sold, counting earlier returns."""
     order = session.get_one(Order, order_id, with_for_update=True)
     _require(order, _RETURNABLE, "returned")
-    sold = {line.sku: line.quantity for line in order.lines}
-    returned = stock.returned_units(session, str(order.id))
+    # What the ledger says was sold, not what was ordered: an order that
+    # never got its stock (needs_attention, then refunded) sold nothing.
+    ordered = {line.sku for line in order.lines}
+    sold = stock.units_by_type(session, str(order.id), "sale")
+    returned = stock.units_by_type(session, str(order.id), "return")
     for sku, quantity in lines:
-        if sku not in sold:
+        if sku not in ordered:
             raise InvalidRequest(f"{sku} is not in order {order.id}", sku=sku)
-        if returned.get(sku, 0) + quantity > sold[sku]:
+        if returned.get(sku, 0) + quantity > sold.get(sku, 0):
             raise Conflict(
-                f"order {order.id} sold {sold[sku]} of {sku}; {returned.get(sku, 0)} already returned",
+                f"order {order.id} sold {sold.get(sku, 0)} of {sku}; {returned.get(sku, 0)} already returned",
                 sku=sku,
             )
-    for sku, quantity in lines:
+    # Sorted, like every multi-row stock change, so two returns (or a return
+    # and a checkout) lock the same SKUs in the same order and never deadlock.
+    for sku, quantity in sorted(lines):
         stock.put_back(session, sku, quantity, str(order.id), "returned by customer")
     return order
 

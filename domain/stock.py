@@ -189,10 +189,12 @@ def _record(
     )
 
 
-def returned_units(session: Session, reference: str) -> dict[str, int]:
+def units_by_type(session: Session, reference: str, kind: str) -> dict[str, int]:
+    """Units moved per SKU by movements of one type for one reference (an
+    order id), as positive numbers: how much an order sold, or got back."""
     rows = session.execute(
         select(StockMovement.sku, func.sum(StockMovement.quantity))
-        .where(StockMovement.reference == reference, StockMovement.type == "return")
+        .where(StockMovement.reference == reference, StockMovement.type == kind)
         .group_by(StockMovement.sku)
     ).all()
-    return {sku: int(total) for sku, total in rows}
+    return {sku: abs(int(total)) for sku, total in rows}

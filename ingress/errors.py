@@ -35,8 +35,10 @@ _STATUS = {
 class ApiError(falcon.HTTPError):
     """An HTTP error with payfleet's body: a stable code and a detail."""
 
-    def __init__(self, status: str, code: str, detail: str, **extra: Any) -> None:
-        super().__init__(status, title=code, description=detail)
+    # `http_status`, not `status`: an error's extra fields may carry a
+    # "status" of their own (an order's), which must not collide with it.
+    def __init__(self, http_status: str, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(http_status, title=code, description=detail)
         self.error_code = code
         self.extra = extra
 
