@@ -61,17 +61,16 @@ import html
 import json
 import re
 import secrets
-import threading
 import time
 import traceback
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from tests.fakes.loopback import LoopbackHTTPServer, LoopbackServer
 from tests.support.monetbil_signing import sign_monetbil
 
 __all__ = [
@@ -171,7 +170,7 @@ def _json_amount(value: Any) -> Any:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "FakeMonetbil/1.0"
     sys_version = ""
-    server: _Server
+    server: LoopbackHTTPServer  # the loopback server; its .fake is the owning fake
 
     def do_GET(self) -> None:
         self._serve()
@@ -203,28 +202,19 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeMonetbil
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Disconnected clients are normal in timeout tests; bugs in the fake
-        # are caught and recorded in FakeMonetbil._dispatch instead.
-        pass
-
-
 # --------------------------------------------------------------------------- the fake
 
 
-class FakeMonetbil:
+class FakeMonetbil(LoopbackServer):
     """Monetbil's widget and check-payment APIs on 127.0.0.1 (see the module docstring)."""
+
+    handler = _Handler
+    thread_name = "fake-monetbil"
 
     def __init__(self, service_key: str = "svc_test_key", service_secret: str = "svc_test_secret") -> None:
         self.service_key = service_key
         self.service_secret = service_secret
-        self._lock = threading.RLock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._payments: dict[str, dict[str, str]] = {}  # payment_ref -> posted widget form
         self._tokens: dict[str, str] = {}  # payment-page token -> payment_ref
         self._transactions: dict[str, dict[str, Any]] = {}
@@ -235,54 +225,6 @@ class FakeMonetbil:
         self._refusal: str | None = None
         self._delay = 0.0
         self._internal_errors: list[str] = []
-
-    # ---- lifecycle
-
-    def start(self) -> FakeMonetbil:
-        with self._lock:
-            if self._server is not None:
-                return self
-            server = _Server(("127.0.0.1", 0), _Handler)
-            server.fake = self
-            thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-monetbil", daemon=True
-            )
-            self._server, self._thread = server, thread
-        thread.start()
-        return self
-
-    def stop(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> FakeMonetbil:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        with self._lock:
-            if self._server is None:
-                raise RuntimeError("FakeMonetbil is not started")
-            return int(self._server.server_address[1])
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     # ---- state
 

@@ -97,17 +97,17 @@ import json
 import re
 import secrets
 import string
-import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import stripe
+
+from tests.fakes.loopback import LoopbackHTTPServer, LoopbackServer
 
 __all__ = [
     "CANCELABLE_STATUSES",
@@ -307,7 +307,7 @@ def _default_error_type(status: int) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "FakeStripe/1.0"
     sys_version = ""
-    server: _Server
+    server: LoopbackHTTPServer  # the loopback server; its .fake is the owning fake
 
     def do_GET(self) -> None:
         self._serve()
@@ -342,30 +342,21 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeStripe
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Disconnected clients are normal in timeout tests; internal bugs are
-        # caught and recorded in FakeStripe._dispatch instead.
-        pass
-
-
 # --------------------------------------------------------------------------- the fake
 
 
-class FakeStripe:
+class FakeStripe(LoopbackServer):
     """A Stripe API v1 (PaymentIntents) server on 127.0.0.1, for the real ``stripe`` library.
 
     See the module docstring for the endpoints and for what stripe v16 does
     against each control.
     """
 
+    handler = _Handler
+    thread_name = "fake-stripe"
+
     def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._intents: dict[str, dict[str, Any]] = {}
         self._order: dict[str, int] = {}  # id -> insertion sequence (tie-break for equal `created`)
         self._seq = 0
@@ -380,54 +371,6 @@ class FakeStripe:
         self._throttled = 0
         self._delay = 0.0
         self._internal_errors: list[str] = []
-
-    # ---- lifecycle
-
-    def start(self) -> FakeStripe:
-        with self._lock:
-            if self._server is not None:
-                return self
-            server = _Server(("127.0.0.1", 0), _Handler)
-            server.fake = self
-            thread = threading.Thread(
-                target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-stripe", daemon=True
-            )
-            self._server, self._thread = server, thread
-        thread.start()
-        return self
-
-    def stop(self) -> None:
-        with self._lock:
-            server, thread = self._server, self._thread
-            self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> FakeStripe:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        with self._lock:
-            if self._server is None:
-                raise RuntimeError("FakeStripe is not started")
-            return int(self._server.server_address[1])
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def client(self, api_key: str = "sk_test_fake", **kwargs: Any) -> stripe.StripeClient:
         """A real ``stripe.StripeClient`` aimed at this fake (kwargs go to its constructor)."""
