@@ -109,18 +109,19 @@ def lock_unpublished(session: Session, *, grace: timedelta, limit: int = 100) ->
     return [(run_id, job) for run_id, job in session.execute(query).all()]
 
 
-def state_of(session: Session, run_id: int) -> tuple[str, str] | None:
-    """(job, state) of a run, unlocked."""
+def lock_state(session: Session, run_id: int) -> tuple[str, str] | None:
+    """(job, state) of a run, its row locked until the transaction ends."""
     row = session.execute(
-        select(ScheduledRun.job, ScheduledRun.state).where(ScheduledRun.id == run_id)
+        select(ScheduledRun.job, ScheduledRun.state).where(ScheduledRun.id == run_id).with_for_update()
     ).first()
     return (row[0], row[1]) if row else None
 
 
 def begin(session: Session, run_id: int) -> StartedRun | None:
-    """Mark a run running (the caller holds the job's lock). A finished run
-    is left alone and None returned: a redelivered message does nothing. A
-    run found `running` was started by a worker that died; it runs again."""
+    """Mark a run running (the caller holds the job's lock, and the row's
+    since `lock_state`). A finished run is left alone and None returned: a
+    redelivered message does nothing. A run found `running` while its job's
+    lock is free was started by a worker that died; it runs again."""
     run = session.get(ScheduledRun, run_id, with_for_update=True)
     if run is None or run.state in FINISHED:
         return None

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -232,3 +233,34 @@ def test_payfleet_jobs_run_wait_from_the_command_line(env, sessions, worker):
     history = json.loads(payfleet("jobs", "runs", "--job", "clean-expired-carts").stdout)
     assert [r["id"] for r in history] == [run["id"]]
     assert payfleet("jobs", "run", "no-such-job").returncode == 2
+
+
+def test_a_run_delivered_twice_at_once_runs_exactly_once(sessions, settings):
+    """Two worker threads get the same run message at the same moment, many
+    times over: each run executes once and ends succeeded, never skipped."""
+    with job_runner(sessions, settings) as runner:
+        for _ in range(15):
+            with sessions() as session:
+                session.add(Cart(expires_at=datetime.now(UTC) - timedelta(minutes=1)))
+                run_id = runs.create_manual(session, "clean-expired-carts")
+                session.commit()
+            start = threading.Barrier(2)
+
+            def deliver(run: int = run_id, barrier: threading.Barrier = start) -> None:
+                barrier.wait()
+                runner.execute(run)
+
+            threads = [threading.Thread(target=deliver) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            with sessions() as session:
+                run = runs.get(session, run_id)
+            assert run is not None
+            assert (run["state"], run["attempts"], run["counts"]) == (
+                "succeeded",
+                1,
+                {"carts_deleted": 1},
+            ), run
+    assert scalar(sessions, "SELECT count(*) FROM carts") == 0

@@ -1,10 +1,11 @@
 """The maintenance job actors (queue `jobs`) and the review request sender
 (queue `notifications`).
 
-A job message carries its run id. The actor takes the job's lock (a
-PostgreSQL advisory lock on a connection of its own, released by PostgreSQL
-itself if the worker dies), so two runs of one job never overlap; then it
-moves the run to `running`, does the work in one transaction per batch, and
+A job message carries its run id. The actor locks the run's row, takes the
+job's lock (a PostgreSQL advisory lock on a connection of its own, released
+by PostgreSQL itself if the worker dies), so two runs of one job never
+overlap, and moves the run to `running` in that same transaction; then it
+does the work in one transaction per batch, and
 records the outcome. A message for a finished run does nothing.
 """
 
@@ -201,36 +202,40 @@ class JobRunner:
         self._engine = bind
 
     def execute(self, run_id: int) -> str:
-        with self._c.sessions() as session:
-            found = runs.state_of(session, run_id)
-        if found is None:
-            return "missing"
-        job, state = found
-        if state in runs.FINISHED:
-            return state
         with self._engine.connect() as lock:
-            if not _try_lock(lock, job):
-                return self._overlapping(run_id, job)
+            started = self._start(lock, run_id)
+            if not isinstance(started, StartedRun):
+                return started
             try:
-                return self._run(run_id)
+                return self._run(started)
             finally:
                 lock.execute(
-                    text("SELECT pg_advisory_unlock(hashtext('payfleet-job'), hashtext(:job))"), {"job": job}
+                    text("SELECT pg_advisory_unlock(hashtext('payfleet-job'), hashtext(:job))"),
+                    {"job": started.job},
                 )
                 lock.commit()
 
-    def _overlapping(self, run_id: int, job: str) -> str:
+    def _start(self, lock: Connection, run_id: int) -> StartedRun | str:
+        """Lock the run row, then try the job's lock, then skip or begin, all
+        in one transaction: a duplicate delivery waits on the row lock and
+        then finds the run `running` (or finished), never `queued`."""
         with self._c.sessions() as session:
-            skipped = runs.skip_if_queued(session, run_id, f"another run of {job} was in progress")
-            session.commit()
-        return "skipped" if skipped else "in progress elsewhere"
-
-    def _run(self, run_id: int) -> str:
-        with self._c.sessions() as session:
+            found = runs.lock_state(session, run_id)
+            if found is None:
+                return "missing"
+            job, state = found
+            if state in runs.FINISHED:
+                return state
+            if not _try_lock(lock, job):
+                skipped = runs.skip_if_queued(session, run_id, f"another run of {job} was in progress")
+                session.commit()
+                return "skipped" if skipped else "in progress elsewhere"
             run = runs.begin(session, run_id)
             session.commit()
-        if run is None:
-            return "finished already"
+        assert run is not None
+        return run
+
+    def _run(self, run: StartedRun) -> str:
         counts: Counter[str] = Counter()
         state, error = "succeeded", None
         started = time.monotonic()
