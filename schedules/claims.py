@@ -11,6 +11,7 @@ window) and the older ones are recorded as skipped.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 CLAIMED = Counter("payfleet_job_slots_claimed_total", "Job slots this scheduler claimed", ["job", "state"])
 
+# A run still `running` this long after its time limit lost its worker.
+ABANDON_MARGIN_SECONDS = 300.0
+SWEEP_INTERVAL_SECONDS = 60.0
+
 # How far back missed slots are recorded as skipped after an outage.
 SKIP_LOOKBACK = timedelta(days=35)
 
@@ -39,10 +44,13 @@ class SlotClaimer:
         sender: MessageSender,
         *,
         republish_after: float,
+        abandon_after: float = 3600.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._sessions, self._table, self._sender = sessions, table, sender
         self._republish_after = timedelta(seconds=republish_after)
+        self._abandon_after = timedelta(seconds=abandon_after)
+        self._swept_at = 0.0
         self._clock = clock
         # The slot each job was last seen recorded at: ticks between two
         # slots touch no table.
@@ -54,6 +62,7 @@ class SlotClaimer:
     def run_once(self, now: datetime | None = None) -> list[int]:
         """One tick; returns the ids of the runs it published."""
         now = now or self._clock()
+        self.sweep_abandoned()
         claimed = [found for job in self._table.jobs if (found := self._claim(job, now)) is not None]
         published = self._publish(claimed)
         return published + self.republish()
@@ -125,6 +134,19 @@ class SlotClaimer:
             log.info("republished job runs %s", sent)
         return sent
 
+    def sweep_abandoned(self) -> list[int]:
+        """Runs left `running` by a dead worker are recorded failed; once a
+        minute is plenty."""
+        if time.monotonic() - self._swept_at < SWEEP_INTERVAL_SECONDS:
+            return []
+        with self._sessions() as session:
+            failed = runs.fail_abandoned(session, older_than=self._abandon_after)
+            session.commit()
+        self._swept_at = time.monotonic()
+        if failed:
+            log.warning("job runs %s abandoned while running; recorded failed", failed)
+        return failed
+
 
 def claimer_for(settings: Settings, sessions: sessionmaker[Session]) -> SlotClaimer:
     return SlotClaimer(
@@ -132,4 +154,5 @@ def claimer_for(settings: Settings, sessions: sessionmaker[Session]) -> SlotClai
         job_table(settings),
         MessageSender(build_broker(settings)),
         republish_after=settings.outbox_relay_grace_seconds,
+        abandon_after=settings.job_time_limit_seconds + ABANDON_MARGIN_SECONDS,
     )

@@ -143,6 +143,23 @@ def skip_if_queued(session: Session, run_id: int, note: str) -> bool:
     return skipped is not None
 
 
+def fail_abandoned(session: Session, *, older_than: timedelta) -> list[int]:
+    """Runs `running` longer than any delivery may last: their worker died
+    without recording the outcome (and its redelivery did not come). Each
+    is recorded failed, so the job's history does not show it running forever."""
+    failed = session.execute(
+        update(ScheduledRun)
+        .where(ScheduledRun.state == "running", ScheduledRun.started_at < func.now() - older_than)
+        .values(
+            state="failed",
+            error=f"abandoned: running for more than {older_than} without an outcome",
+            finished_at=func.now(),
+        )
+        .returning(ScheduledRun.id)
+    ).all()
+    return [run_id for (run_id,) in failed]
+
+
 def finish(session: Session, run_id: int, state: str, counts: Mapping[str, int], error: str | None) -> None:
     run = session.get_one(ScheduledRun, run_id, with_for_update=True)
     run.state = state

@@ -8,19 +8,27 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import dramatiq
+import pika
+import pytest
 from sqlalchemy import text
 
+import workers.jobs
 from domain.models import Cart, Order
+from payfleet.config import load_settings
 from schedules import runs
+from schedules.runs import StartedRun
 from tests.conftest import eventually, scalar
 from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
 from tests.support.shop import ADMIN, product, put_product
 from workers.broker import build_broker
-from workers.job_messages import review_request_message
+from workers.job_messages import review_request_message, run_message
+from workers.jobs import JobContext, declare_job_actors, job_gateways
 
 
 def completed_order(sessions: Any, days_ago: float, phone: str | None = "+33611111111") -> uuid.UUID:
@@ -264,3 +272,51 @@ def test_a_run_delivered_twice_at_once_runs_exactly_once(sessions, settings):
                 {"carts_deleted": 1},
             ), run
     assert scalar(sessions, "SELECT count(*) FROM carts") == 0
+
+
+def dead_letters(broker_url: str, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        connection.close()
+
+
+def test_a_run_past_its_time_limit_is_recorded_failed_and_not_retried(
+    env, sessions, broker_url, monkeypatch: pytest.MonkeyPatch
+):
+    def endless(c: JobContext, run: StartedRun, counts: Any) -> None:
+        counts["started"] += 1
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:  # short sleeps: the time limit interrupts between them
+            time.sleep(0.02)
+
+    monkeypatch.setitem(workers.jobs.WORK, "clean-expired-carts", endless)
+    limited = load_settings({**env, "JOB_TIME_LIMIT_SECONDS": "0.5"})
+    broker = build_broker(limited)
+    declare_job_actors(broker, sessions, limited, job_gateways(limited))
+    broker.emit_after("process_boot")  # as the dramatiq CLI does: starts TimeLimit's watchdog
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        with sessions() as session:
+            run_id = runs.create_manual(session, "clean-expired-carts")
+            session.commit()
+        broker.enqueue(run_message("clean_expired_carts", run_id))
+
+        def finished() -> dict[str, Any] | None:
+            with sessions() as session:
+                run = runs.get(session, run_id)
+            return run if run and run["state"] != "running" and run["finished_at"] else None
+
+        run = eventually(finished, timeout=20)
+        # Not retried: the message is dead-lettered at once, not delayed for another attempt.
+        eventually(lambda: dead_letters(broker_url, "jobs.XQ") == 1, timeout=10)
+    finally:
+        worker.stop()
+        broker.close()
+    with sessions() as session:
+        again = runs.get(session, run_id)
+    assert run["state"] == "failed" and "TimeLimitExceeded" in run["error"], run
+    assert run["counts"] == {"started": 1}
+    assert again is not None and again == run and again["attempts"] == 1

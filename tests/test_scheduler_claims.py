@@ -172,6 +172,30 @@ def test_a_claim_whose_publish_failed_is_published_by_the_next_tick(sessions, se
     assert later.run_once(now=now) == []
 
 
+def test_a_run_left_running_past_its_time_limit_is_recorded_failed(sessions, settings):
+    with sessions() as session:
+        session.execute(
+            text(
+                "INSERT INTO scheduled_runs (job, trigger, state, counts, attempts, started_at) VALUES "
+                "('clean-expired-carts', 'manual', 'running', '{}', 1, now() - interval '2 hours'), "
+                "('expire-stale-orders', 'manual', 'running', '{}', 1, now() - interval '1 minute')"
+            )
+        )
+        session.commit()
+    claimer(sessions, settings, abandon_after=settings.job_time_limit_seconds + 300).run_once()
+    with sessions() as session:
+        found = session.execute(
+            text("SELECT job, state, error, finished_at IS NOT NULL FROM scheduled_runs ORDER BY id")
+        ).all()
+    assert [(job, state, done) for job, state, _, done in found[:2]] == [
+        ("clean-expired-carts", "failed", True),
+        ("expire-stale-orders", "running", False),
+    ]
+    assert found[0][2].startswith("abandoned")
+    # The server also drops the session of a worker whose host vanished, freeing its job lock.
+    assert scalar(sessions, "SHOW tcp_keepalives_idle") == "30"
+
+
 def _drain_jobs_queue(broker_url: str) -> list[Any]:
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()

@@ -22,6 +22,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq import Broker
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -237,21 +238,31 @@ class JobRunner:
 
     def _run(self, run: StartedRun) -> str:
         counts: Counter[str] = Counter()
-        state, error = "succeeded", None
         started = time.monotonic()
         try:
             WORK[run.job](self._c, run, counts)
-        except Exception as failure:
-            # The batches already committed stay done; the counts say how far it got.
+        except BaseException as failure:
+            # Dramatiq's TimeLimitExceeded is a BaseException: the run is
+            # recorded failed whatever stopped it, then the interruption goes
+            # on. The batches already committed stay done; the counts say how
+            # far it got.
             log.exception("job %s run %s failed", run.job, run.id)
-            state, error = "failed", f"{type(failure).__name__}: {failure}"
+            self._finish(run, "failed", counts, f"{type(failure).__name__}: {failure}", started)
+            if not isinstance(failure, Exception):
+                raise
+            return "failed"
+        self._finish(run, "succeeded", counts, None, started)
+        return "succeeded"
+
+    def _finish(
+        self, run: StartedRun, state: str, counts: Counter[str], error: str | None, started: float
+    ) -> None:
         with self._c.sessions() as session:
             runs.finish(session, run.id, state, counts, error)
             session.commit()
         log.info(
             "job %s run %s %s in %.2fs: %s", run.job, run.id, state, time.monotonic() - started, dict(counts)
         )
-        return state
 
 
 def _try_lock(connection: Connection, job: str) -> bool:
@@ -283,6 +294,7 @@ def _declare_job(broker: Broker, actor_name: str, runner: JobRunner, settings: S
     # A failed job is recorded on its run, not retried: the next slot runs it
     # again. Retries only cover failing to record (PostgreSQL down), and a
     # redelivery after that finds the run still `running` and runs it again.
+    # A run stopped by its time limit is recorded failed: not retried either.
     dramatiq.actor(
         broker=broker,
         actor_name=actor_name,
@@ -290,6 +302,7 @@ def _declare_job(broker: Broker, actor_name: str, runner: JobRunner, settings: S
         max_retries=3,
         retry_delays=(5_000, 30_000, 60_000),
         time_limit=int(settings.job_time_limit_seconds * 1000),
+        throws=(TimeLimitExceeded,),
     )(run_job)
 
 
