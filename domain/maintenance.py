@@ -16,6 +16,7 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from domain import payments, stock
 from domain.errors import ProviderError
 from domain.gateways import MonetbilCheck, PaymentIntent
-from domain.messaging import WhatsAppGateway
+from domain.messaging import MessagingError
 from domain.models import (
     Cart,
     Order,
@@ -486,31 +487,85 @@ def review_message(order: Order) -> str:
     )
 
 
-def send_review_request(session: Session, request_id: int, whatsapp: WhatsAppGateway) -> str:
-    """Sends a pending review request, once: the row is locked, and a
-    delivery that finds it already sent (or failed) does nothing. Raises
-    MessagingError when the API refuses; the caller records the attempt."""
+@dataclass(frozen=True)
+class ReviewSend:
+    """A review request claimed for sending: what to send, and to whom."""
+
+    request_id: int
+    phone: str
+    body: str
+
+
+OUTCOME_UNKNOWN = "outcome_unknown"
+
+
+def claim_review_request(
+    session: Session, request_id: int, now: datetime, stale_after: timedelta
+) -> ReviewSend | str:
+    """Claims a pending request for sending (`sending`, one more attempt);
+    the caller commits the claim before calling the API, so a crash after
+    the API accepted leaves `sending`, never `pending`. A delivery that finds
+    a claim older than `stale_after` cannot know whether it went out: it is
+    marked failed (outcome unknown) rather than risk a second message; a
+    younger claim is being sent right now. Otherwise returns the status."""
     request = session.get(ReviewRequest, request_id, with_for_update=True)
     if request is None:
         return "missing"
+    if request.status == "sending":
+        if request.claimed_at is not None and request.claimed_at > now - stale_after:
+            return "sending"
+        _outcome_unknown(request, "the sender stopped before recording whether the API accepted it")
+        return OUTCOME_UNKNOWN
     if request.status != "pending" or not request.phone:
         return request.status
     order = session.get_one(Order, request.order_id)
+    request.status = "sending"
     request.attempts += 1
-    request.provider_message_id = whatsapp.send(to=request.phone, body=review_message(order))[:64] or None
-    request.status = "sent"
-    request.sent_at = datetime.now(UTC)
-    return "sent"
+    request.claimed_at = now
+    return ReviewSend(request.id, request.phone, review_message(order))
 
 
-def record_send_failure(session: Session, request_id: int, error: BaseException, *, final: bool) -> None:
+def _outcome_unknown(request: ReviewRequest, why: str) -> None:
+    request.status = "failed"
+    request.last_error = f"outcome unknown: {why}"[:2000]
+
+
+def mark_review_sent(session: Session, request_id: int, provider_message_id: str) -> str:
+    """The API accepted the message. Also after a stale claim was given up
+    as unknown meanwhile: now it is known."""
+    request = session.get_one(ReviewRequest, request_id, with_for_update=True)
+    if request.status in ("sending", "failed"):
+        request.status = "sent"
+        request.provider_message_id = provider_message_id[:64] or None
+        request.sent_at = datetime.now(UTC)
+    return request.status
+
+
+def fail_stale_sends(session: Session, claimed_before: datetime) -> int:
+    """Claims whose sender vanished and that no delivery came back to:
+    failed, outcome unknown. Returns how many."""
+    query = (
+        select(ReviewRequest)
+        .where(ReviewRequest.status == "sending", ReviewRequest.claimed_at < claimed_before)
+        .with_for_update(skip_locked=True)
+    )
+    stale = list(session.scalars(query))
+    for request in stale:
+        _outcome_unknown(request, "the sender stopped before recording whether the API accepted it")
+    return len(stale)
+
+
+def record_send_failure(session: Session, request_id: int, error: MessagingError) -> None:
+    """A claimed send the API refused (back to pending when waiting can help,
+    failed when not) or left ambiguous (failed, outcome unknown)."""
     request = session.get(ReviewRequest, request_id, with_for_update=True)
-    if request is None or request.status != "pending":
+    if request is None or request.status != "sending":
         return
-    request.attempts += 1
+    if error.ambiguous:
+        _outcome_unknown(request, f"{type(error).__name__}: {error}")
+        return
     request.last_error = f"{type(error).__name__}: {error}"[:2000]
-    if final:
-        request.status = "failed"
+    request.status = "pending" if error.retryable else "failed"
 
 
 def give_up_review_request(session: Session, request_id: int) -> str:

@@ -7,16 +7,19 @@ from __future__ import annotations
 from typing import Protocol
 
 import requests
+from urllib3.exceptions import NewConnectionError
 
 
 class MessagingError(Exception):
-    """The message was not accepted. `retryable` says whether waiting can
-    help: an outage, a 5xx or a 429 can; a refused number or bad credentials
-    cannot."""
+    """The message was not accepted, or may not have been. `retryable` says
+    whether waiting can help: an outage, a 5xx or a 429 can; a refused number
+    or bad credentials cannot. `ambiguous`: the request may have reached the
+    API (no answer read), so sending again could deliver it twice."""
 
-    def __init__(self, detail: str, *, retryable: bool) -> None:
+    def __init__(self, detail: str, *, retryable: bool, ambiguous: bool = False) -> None:
         super().__init__(detail)
         self.retryable = retryable
+        self.ambiguous = ambiguous
 
 
 class WhatsAppGateway(Protocol):
@@ -45,7 +48,11 @@ class WhatsAppApiGateway:
         try:
             answer = self._http.post(self._url, data=form, auth=self._auth, timeout=self._timeout)
         except requests.RequestException as error:
-            raise MessagingError(f"WhatsApp API unreachable: {error}", retryable=True) from None
+            if _never_sent(error):
+                raise MessagingError(f"WhatsApp API unreachable: {error}", retryable=True) from None
+            raise MessagingError(
+                f"WhatsApp API gave no answer, outcome unknown: {error}", retryable=False, ambiguous=True
+            ) from None
         if answer.status_code >= 300:
             retryable = answer.status_code == 429 or answer.status_code >= 500
             raise MessagingError(
@@ -55,3 +62,14 @@ class WhatsAppApiGateway:
             return str(answer.json()["sid"])
         except (ValueError, KeyError, TypeError):
             return ""
+
+
+def _never_sent(error: requests.RequestException) -> bool:
+    """Only a failure to connect proves the request never left: a read
+    timeout or a connection dropped mid-exchange may follow an accepted message."""
+    if isinstance(error, requests.ConnectTimeout):
+        return True
+    cause = error.args[0] if error.args else None
+    return isinstance(error, requests.ConnectionError) and isinstance(
+        getattr(cause, "reason", None), NewConnectionError
+    )

@@ -274,7 +274,7 @@ class CartItem(Base):
 
 RUN_STATES = ("queued", "running", "succeeded", "failed", "skipped")
 RUN_TRIGGERS = ("scheduled", "manual")
-REVIEW_REQUEST_STATUSES = ("pending", "sent", "failed", "skipped")
+REVIEW_REQUEST_STATUSES = ("pending", "sending", "sent", "failed", "skipped")
 
 
 class ScheduledRun(Base):
@@ -330,4 +330,6 @@ class ReviewRequest(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     provider_message_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now()
+    # When a delivery claimed it (`sending`) just before calling the API.
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

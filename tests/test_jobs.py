@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 from sqlalchemy import text
 
 import workers.jobs
+from domain.messaging import MessagingError, WhatsAppApiGateway, WhatsAppGateway
 from domain.models import Cart, Order
 from payfleet.config import load_settings
 from schedules import runs
@@ -320,3 +323,73 @@ def test_a_run_past_its_time_limit_is_recorded_failed_and_not_retried(
     assert run["state"] == "failed" and "TimeLimitExceeded" in run["error"], run
     assert run["counts"] == {"started": 1}
     assert again is not None and again == run and again["attempts"] == 1
+
+
+class CrashAfterSending:
+    """The WhatsApp API accepts the message, then the worker dies before it
+    can record that (here: the first send raises after the API answered)."""
+
+    def __init__(self, gateway: WhatsAppGateway) -> None:
+        self._gateway, self.crashed = gateway, False
+
+    def send(self, *, to: str, body: str) -> str:
+        sid = self._gateway.send(to=to, body=body)
+        if not self.crashed:
+            self.crashed = True
+            raise RuntimeError("worker lost before recording the send")
+        return sid
+
+
+def settle(worker: dramatiq.Worker, queue: str) -> None:
+    """Wait until nothing is queued, delayed or being worked on."""
+    for _ in range(2):
+        worker.broker.join(queue, timeout=20_000)
+        worker.join()
+
+
+def test_a_send_whose_outcome_was_never_recorded_is_not_sent_again(sessions, settings, fake_whatsapp):
+    gateways = job_gateways(settings)
+    crashing = CrashAfterSending(gateways.whatsapp)
+    broker = build_broker(settings)
+    declare_job_actors(broker, sessions, settings, replace(gateways, whatsapp=crashing))
+    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        completed_order(sessions, 7.5)
+        with job_runner(sessions, settings) as runner:
+            run_job(runner, sessions, "request-reviews")
+        eventually(lambda: crashing.crashed)
+        settle(worker, "notifications")  # the failed delivery's retries included
+        assert len(fake_whatsapp.messages) == 1
+        assert requests_by_status(sessions) == {"sending": 1}
+        # Long after: a new delivery finds the claim stale and gives up rather than resend.
+        with sessions() as session:
+            session.execute(text("UPDATE review_requests SET claimed_at = now() - interval '1 hour'"))
+            session.commit()
+        [request_id] = scalar_ids(sessions)
+        broker.enqueue(review_request_message(request_id))
+        settle(worker, "notifications")
+    finally:
+        worker.stop()
+        broker.close()
+    assert len(fake_whatsapp.messages) == 1
+    assert requests_by_status(sessions) == {"failed": 1}
+    assert "outcome unknown" in scalar(sessions, "SELECT last_error FROM review_requests")
+
+
+def test_a_read_timeout_is_ambiguous_and_a_refused_connection_retryable():
+    with socket.socket() as silent, socket.socket() as closed:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # accepts connections (backlog), never answers
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+
+        def send(server: socket.socket) -> MessagingError:
+            port = server.getsockname()[1]
+            gateway = WhatsAppApiGateway(f"http://127.0.0.1:{port}", "AC1", "token", "+1", timeout=0.3)
+            with pytest.raises(MessagingError) as failure:
+                gateway.send(to="+33611111111", body="hello")
+            return failure.value
+
+        timed_out, refused = send(silent), send(closed)
+    assert (timed_out.retryable, timed_out.ambiguous) == (False, True)
+    assert (refused.retryable, refused.ambiguous) == (True, False)

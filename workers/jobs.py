@@ -35,6 +35,7 @@ from payfleet.config import Settings
 from schedules import runs
 from schedules.jobs import JobTable, job_table
 from schedules.runs import StartedRun
+from workers import metrics
 from workers.job_messages import (
     JOBS_QUEUE,
     NOTIFICATIONS_QUEUE,
@@ -166,6 +167,12 @@ def _request_reviews(c: JobContext, run: StartedRun, counts: Counter[str]) -> No
     with c.sessions() as session:
         stale = maintenance.unsent_review_requests(session, c.clock() - timedelta(minutes=10))
     counts["republished"] += _publish_requests(c, stale)
+    # Sends whose worker vanished mid-call: failed, outcome unknown (never resent).
+    with c.sessions() as session:
+        unknown = maintenance.fail_stale_sends(session, c.clock() - send_stale_after(c.settings))
+        session.commit()
+    if unknown:
+        counts[maintenance.OUTCOME_UNKNOWN] += unknown
 
 
 def _publish_requests(c: JobContext, request_ids: list[int]) -> int:
@@ -306,6 +313,17 @@ def _declare_job(broker: Broker, actor_name: str, runner: JobRunner, settings: S
     )(run_job)
 
 
+def send_stale_after(settings: Settings) -> timedelta:
+    """How old a `sending` claim must be before its sender is taken for
+    dead: longer than a send can last (connect and read timeouts)."""
+    return timedelta(seconds=2 * settings.whatsapp_timeout_seconds + 30)
+
+
+def _count_unknown(unknown: bool) -> None:
+    if unknown:
+        metrics.review_outcomes_unknown().inc()
+
+
 class PermanentSendFailure(Exception):
     """The messaging API refused for good (a bad number, bad credentials)."""
 
@@ -313,19 +331,31 @@ class PermanentSendFailure(Exception):
 def _declare_notifications(
     broker: Broker, sessions: sessionmaker[Session], settings: Settings, whatsapp: WhatsAppGateway
 ) -> None:
+    stale_after = send_stale_after(settings)
+
     def send_review_request(request_id: int) -> None:
+        # The claim commits before the API call and the outcome after it: a
+        # crash in between leaves `sending`, which is never sent again.
+        with sessions() as session:
+            claimed = maintenance.claim_review_request(session, request_id, datetime.now(UTC), stale_after)
+            session.commit()
+        if not isinstance(claimed, maintenance.ReviewSend):
+            _count_unknown(claimed == maintenance.OUTCOME_UNKNOWN)
+            log.info("review request %s: %s", request_id, claimed)
+            return
         try:
-            with sessions() as session:
-                status = maintenance.send_review_request(session, request_id, whatsapp)
-                session.commit()
+            sid = whatsapp.send(to=claimed.phone, body=claimed.body)
         except MessagingError as error:
-            # Kept on the row (its own transaction, the first rolled back).
             with sessions() as session:
-                maintenance.record_send_failure(session, request_id, error, final=not error.retryable)
+                maintenance.record_send_failure(session, request_id, error)
                 session.commit()
+            _count_unknown(error.ambiguous)
             if not error.retryable:
                 raise PermanentSendFailure(str(error)) from None
             raise
+        with sessions() as session:
+            status = maintenance.mark_review_sent(session, request_id, sid)
+            session.commit()
         log.info("review request %s: %s", request_id, status)
 
     dramatiq.actor(

@@ -17,3 +17,13 @@ def monetbil_disagreements() -> Any:
         "payfleet_monetbil_disagreements_total",
         "Monetbil callbacks claiming success that check-payment contradicted",
     )
+
+
+@cache
+def review_outcomes_unknown() -> Any:
+    from prometheus_client import Counter
+
+    return Counter(
+        "payfleet_review_requests_outcome_unknown_total",
+        "Review requests marked failed because whether WhatsApp accepted them is unknown (never resent)",
+    )
