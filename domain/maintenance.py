@@ -416,22 +416,26 @@ def release_expired_reservations(
 
 
 REVIEW_AFTER = timedelta(days=7)
-REVIEW_UNTIL = timedelta(days=8)
+# Orders older than this are not asked any more (a request weeks late is
+# noise). Far wider than a day: a run that was skipped or failed, or a day
+# the clocks change, leaves no order unasked; the next run takes them.
+REVIEW_UNTIL = timedelta(days=14)
 
 
 def request_reviews(
     session: Session, reference: datetime, run_id: int | None, *, limit: int = 500
 ) -> tuple[Counter[str], list[int]]:
-    """Records one review request for up to `limit` orders completed 7 to 8
-    days before `reference` that have none. The unique order_id makes this
-    once per order, ever: a second run, or a racing replica, inserts nothing.
-    Returns the counts and the ids of the requests to send."""
+    """Records one review request for up to `limit` orders completed at
+    least 7 (and less than 14) days before `reference` that have none. The
+    unique order_id makes this once per order, ever: a later run, or a
+    racing replica, inserts nothing. Returns the counts and the ids of the
+    requests to send."""
     query = (
         select(Order.id)
         .where(
             Order.status == "completed",
-            Order.completed_at >= reference - REVIEW_UNTIL,
-            Order.completed_at < reference - REVIEW_AFTER,
+            Order.completed_at > reference - REVIEW_UNTIL,
+            Order.completed_at <= reference - REVIEW_AFTER,
             ~exists().where(ReviewRequest.order_id == Order.id),
         )
         .order_by(Order.completed_at)

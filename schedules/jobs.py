@@ -56,7 +56,8 @@ JOBS: tuple[Job, ...] = (
         "0 10 * * *",
         timedelta(hours=12),
         "request_reviews",
-        "customers of orders completed 7 to 8 days ago are asked for a review over WhatsApp, once",
+        "customers of orders completed at least 7 days ago (and less than 14) are asked for a review "
+        "over WhatsApp, once",
     ),
     Job(
         "release-expired-reservations",

@@ -66,7 +66,7 @@ def test_reviews_are_requested_once_per_order_whatever_runs_and_redeliveries(
     asked = [completed_order(sessions, 7.5), completed_order(sessions, 7.9, phone="+33622222222")]
     completed_order(sessions, 7.2, phone=None)  # no phone: skipped and counted
     completed_order(sessions, 3)  # too recent
-    completed_order(sessions, 9)  # too old
+    completed_order(sessions, 15)  # older than the two weeks a late request may still go out
     with job_runner(sessions, settings) as runner:
         first = run_job(runner, sessions, "request-reviews")
         second = run_job(runner, sessions, "request-reviews")
@@ -393,3 +393,44 @@ def test_a_read_timeout_is_ambiguous_and_a_refused_connection_retryable():
         timed_out, refused = send(silent), send(closed)
     assert (timed_out.retryable, timed_out.ambiguous) == (False, True)
     assert (refused.retryable, refused.ambiguous) == (True, False)
+
+
+def scheduled_review_run(runner: Any, sessions: Any, slot: datetime) -> None:
+    with sessions() as session:
+        run_id = runs.claim(session, "request-reviews", slot, "queued")
+        session.commit()
+    assert run_id is not None and runner.execute(run_id) == "succeeded"
+
+
+def asked(sessions: Any, order_id: uuid.UUID) -> bool:
+    return bool(scalar(sessions, "SELECT count(*) FROM review_requests WHERE order_id = :id", id=order_id))
+
+
+def completed_at(sessions: Any, when: datetime) -> uuid.UUID:
+    order_id = completed_order(sessions, 0)
+    with sessions() as session:
+        session.execute(
+            text("UPDATE orders SET completed_at = :at WHERE id = :id"), {"at": when, "id": order_id}
+        )
+        session.commit()
+    return order_id
+
+
+def test_every_completed_order_is_asked_across_the_autumn_change_and_a_missed_day(sessions, settings):
+    # Daily 10:00 Paris: 08:00 UTC on Saturday 2026-10-24, 09:00 UTC on the
+    # Sunday the clocks go back. An order completed at 10:30 Paris a week
+    # before that Saturday fell between the two runs' week-old days.
+    between = completed_at(sessions, datetime(2026, 10, 17, 8, 30, tzinfo=UTC))
+    # A run skipped (scheduler down) on Wednesday 2026-06-10: Thursday's run
+    # still asks the orders Wednesday's would have.
+    missed_day = completed_at(sessions, datetime(2026, 6, 3, 7, 0, tzinfo=UTC))
+    too_recent = completed_at(sessions, datetime(2026, 6, 4, 8, 30, tzinfo=UTC))
+    with job_runner(sessions, settings) as runner:
+        scheduled_review_run(runner, sessions, datetime(2026, 6, 11, 8, 0, tzinfo=UTC))
+        assert asked(sessions, missed_day) and not asked(sessions, too_recent)
+        scheduled_review_run(runner, sessions, datetime(2026, 10, 24, 8, 0, tzinfo=UTC))
+        assert not asked(sessions, between)  # a week old on Sunday, not yet on Saturday
+        scheduled_review_run(runner, sessions, datetime(2026, 10, 25, 9, 0, tzinfo=UTC))
+    assert asked(sessions, between)
+    assert not asked(sessions, too_recent)  # its week is up on the next day's run
+    assert scalar(sessions, "SELECT count(*) FROM review_requests") == 2
