@@ -65,10 +65,12 @@ class PaymentChecker(Protocol):
     def check_transaction(self, transaction_id: str) -> MonetbilCheck: ...
 
 
-def cancel_key(intent_id: str) -> str:
-    """One idempotency key per PaymentIntent: any number of runs, replicas or
-    retries asking to abandon it are one cancel at Stripe."""
-    return f"payfleet-abandon-{intent_id}"
+def cancel_key(intent_id: str, run_id: int) -> str:
+    """One idempotency key per PaymentIntent and run: the library's retries
+    and a re-ask within the run are one cancel at Stripe. Not one key for
+    ever: Stripe keeps a refusal under its key for 24 hours, and the next
+    run must really ask again."""
+    return f"payfleet-abandon-{intent_id}-{run_id}"
 
 
 # --- expiring an order -------------------------------------------------------
@@ -121,6 +123,7 @@ def expire_stale_orders(
     monetbil: PaymentChecker | None,
     now: datetime,
     *,
+    run_id: int,
     after: uuid.UUID | None = None,
     limit: int = 100,
 ) -> tuple[Counter[str], uuid.UUID | None]:
@@ -132,7 +135,7 @@ def expire_stale_orders(
     for payment, order in rows:
         counts["examined"] += 1
         try:
-            counts.update(_settle_stale(session, stripe, monetbil, payment, order))
+            counts.update(_settle_stale(session, stripe, monetbil, payment, order, run_id))
         except ProviderError as error:
             # Left pending: the next run asks again.
             log.warning("order %s left pending: %s", order.id, error.detail)
@@ -142,13 +145,20 @@ def expire_stale_orders(
 
 
 def _settle_stale(
-    session: Session, stripe: StripeIntents, monetbil: PaymentChecker | None, payment: Payment, order: Order
+    session: Session,
+    stripe: StripeIntents,
+    monetbil: PaymentChecker | None,
+    payment: Payment,
+    order: Order,
+    run_id: int,
 ) -> Counter[str]:
     if payment.provider == "stripe":
         if not payment.provider_payment_id:
             return _expired(session, payment, order, "no PaymentIntent was ever created", "canceled")
         intent = stripe.retrieve_payment_intent(payment.provider_payment_id)
-        return follow_intent(session, stripe, payment, order, intent, job="expire-stale-orders")
+        return follow_intent(
+            session, stripe, payment, order, intent, job="expire-stale-orders", run_id=run_id
+        )
     return _settle_monetbil(session, monetbil, payment, order)
 
 
@@ -165,6 +175,7 @@ def follow_intent(
     intent: PaymentIntent,
     *,
     job: str,
+    run_id: int,
     retried: bool = False,
 ) -> Counter[str]:
     """An unpaid order past its window, given what Stripe says of its
@@ -179,7 +190,7 @@ def follow_intent(
     if intent.status in CANCELLABLE:
         try:
             intent = stripe.cancel_payment_intent(
-                intent.id, reason="abandoned", idempotency_key=cancel_key(intent.id)
+                intent.id, reason="abandoned", idempotency_key=cancel_key(intent.id, run_id)
             )
         except ProviderError as error:
             # It moved between our read and our cancel (paid at the last
@@ -187,7 +198,7 @@ def follow_intent(
             if error.extra.get("provider_code") != UNEXPECTED_STATE or retried:
                 raise
             fresh = stripe.retrieve_payment_intent(intent.id)
-            return follow_intent(session, stripe, payment, order, fresh, job=job, retried=True)
+            return follow_intent(session, stripe, payment, order, fresh, job=job, run_id=run_id, retried=True)
         canceled = 1
     if intent.status != "canceled":
         raise ProviderError(f"PaymentIntent {intent.id} is {intent.status}; nothing to do with it")
@@ -257,6 +268,7 @@ def sweep_open_payments(
     now: datetime,
     window: timedelta,
     *,
+    run_id: int,
     after: uuid.UUID | None = None,
     limit: int = 50,
 ) -> tuple[Counter[str], list[str], uuid.UUID | None]:
@@ -272,7 +284,7 @@ def sweep_open_payments(
         counts["examined"] += 1
         try:
             intent = stripe.retrieve_payment_intent(payment.provider_payment_id)
-            counts.update(sync_intent(session, stripe, payment, order, intent, now))
+            counts.update(sync_intent(session, stripe, payment, order, intent, now, run_id=run_id))
         except ProviderError as error:
             log.warning("payment %s not synced: %s", payment.id, error.detail)
             counts["provider_errors"] += 1
@@ -287,6 +299,8 @@ def sync_intent(
     order: Order,
     intent: PaymentIntent,
     now: datetime,
+    *,
+    run_id: int,
 ) -> Counter[str]:
     """Make a locked payment agree with Stripe. A succeeded intent repairs the
     payment through the webhook's code path and is never cancelled; a
@@ -302,12 +316,14 @@ def sync_intent(
     if payable:
         return Counter({"still_payable": 1})
     if order.status == "pending_payment":
-        return follow_intent(session, stripe, payment, order, intent, job="cleanup-stale-payment-intents")
+        return follow_intent(
+            session, stripe, payment, order, intent, job="cleanup-stale-payment-intents", run_id=run_id
+        )
     counts: Counter[str] = Counter()
     if intent.status in CANCELLABLE:
-        intent = _cancel_or_reread(stripe, intent)
+        intent = _cancel_or_reread(stripe, intent, run_id)
         if intent.status == "succeeded":
-            return sync_intent(session, stripe, payment, order, intent, now)
+            return sync_intent(session, stripe, payment, order, intent, now, run_id=run_id)
         counts["payment_intents_canceled"] += int(intent.status == "canceled")
     if intent.status == "canceled" and payments.can_move(payment.status, "canceled"):
         # The order already ended (expired, failed, canceled): only the money
@@ -319,10 +335,10 @@ def sync_intent(
     return counts
 
 
-def _cancel_or_reread(stripe: StripeIntents, intent: PaymentIntent) -> PaymentIntent:
+def _cancel_or_reread(stripe: StripeIntents, intent: PaymentIntent, run_id: int) -> PaymentIntent:
     try:
         return stripe.cancel_payment_intent(
-            intent.id, reason="abandoned", idempotency_key=cancel_key(intent.id)
+            intent.id, reason="abandoned", idempotency_key=cancel_key(intent.id, run_id)
         )
     except ProviderError as error:
         if error.extra.get("provider_code") != UNEXPECTED_STATE:
@@ -331,7 +347,13 @@ def _cancel_or_reread(stripe: StripeIntents, intent: PaymentIntent) -> PaymentIn
 
 
 def sync_listed_intent(
-    session: Session, stripe: StripeIntents, intent: PaymentIntent, now: datetime, window: timedelta
+    session: Session,
+    stripe: StripeIntents,
+    intent: PaymentIntent,
+    now: datetime,
+    window: timedelta,
+    *,
+    run_id: int,
 ) -> Counter[str]:
     """A PaymentIntent Stripe lists: synced with our payment if we know it
     (by its id, or by the payment id in its metadata when the checkout never
@@ -341,7 +363,7 @@ def sync_listed_intent(
         order = session.get_one(Order, payment.order_id, with_for_update=True)
         if payment.provider_payment_id is None:
             payment.provider_payment_id = intent.id
-        counts = sync_intent(session, stripe, payment, order, intent, now)
+        counts = sync_intent(session, stripe, payment, order, intent, now, run_id=run_id)
         counts["listed_known"] += 1
         return counts
     ours = "payment_id" in intent.metadata or "order_id" in intent.metadata
@@ -349,7 +371,7 @@ def sync_listed_intent(
         return Counter({"listed_foreign": 1})
     # Ours, but its checkout never committed: no order can ever be paid by it.
     if intent.status in CANCELLABLE:
-        intent = _cancel_or_reread(stripe, intent)
+        intent = _cancel_or_reread(stripe, intent, run_id)
         return Counter(
             {
                 "orphans_canceled": int(intent.status == "canceled"),

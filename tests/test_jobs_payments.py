@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import replace
+from typing import Any
 
 from tests.conftest import eventually, scalar
 from tests.fakes.stripe_server import CANCELABLE_STATUSES, FakeStripe
@@ -155,3 +157,53 @@ def test_the_weekly_sweep_repairs_cancels_and_never_cancels_a_success_despite_42
         assert fake_stripe.get(intent)["status"] == "succeeded"
         assert cancels(fake_stripe, intent) == 0
     assert product(client, "SWEEP")["on_hand"] == 18
+
+
+class BrieflyUncancellable:
+    """Stripe as our first cancel meets it: the intent is momentarily not
+    cancellable (Stripe refuses, and stores that refusal under the request's
+    idempotency key for 24 hours), then cancellable again."""
+
+    def __init__(self, gateway: Any, fake: FakeStripe) -> None:
+        self._gateway, self._fake, self.refused = gateway, fake, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._gateway, name)
+
+    def cancel_payment_intent(self, intent_id: str, *, reason: str, idempotency_key: str) -> Any:
+        if self.refused:
+            return self._gateway.cancel_payment_intent(
+                intent_id, reason=reason, idempotency_key=idempotency_key
+            )
+        self.refused += 1
+        current = self._fake.get(intent_id)
+        assert current is not None
+        before = current["status"]
+        self._fake.set_status(intent_id, "succeeded")
+        try:
+            return self._gateway.cancel_payment_intent(
+                intent_id, reason=reason, idempotency_key=idempotency_key
+            )
+        finally:
+            self._fake.set_status(intent_id, before)
+
+
+def test_a_refused_cancel_is_not_replayed_by_the_next_run(client, sessions, settings, fake_stripe):
+    put_product(client, "KEY", 5)
+    order, intent = stripe_order(client, "KEY", 2)
+    make_stale(sessions, order)
+
+    def twisted(real: Any) -> Any:
+        return replace(real, stripe=BrieflyUncancellable(real.stripe, fake_stripe))
+
+    with job_runner(sessions, settings, gateways=twisted) as runner:
+        first = run_job(runner, sessions, "expire-stale-orders")
+        assert first["counts"]["provider_errors"] == 1
+        assert order_status(sessions, order) == ("pending_payment", "pending")
+        second = run_job(runner, sessions, "expire-stale-orders")
+    assert second["counts"]["expired"] == 1 and second["counts"]["payment_intents_canceled"] == 1
+    assert order_status(sessions, order) == ("expired", "canceled")
+    assert fake_stripe.get(intent)["status"] == "canceled"
+    assert product(client, "KEY")["reserved"] == 0
+    keys = {r.header("Idempotency-Key") for r in fake_stripe.requests if r.path.endswith("/cancel")}
+    assert len(keys) == 2  # one per run

@@ -96,7 +96,7 @@ def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -
     while True:
         with c.sessions() as session:
             batch, after = maintenance.expire_stale_orders(
-                session, c.gateways.stripe, c.gateways.monetbil, c.clock(), after=after
+                session, c.gateways.stripe, c.gateways.monetbil, c.clock(), run_id=run.id, after=after
             )
             session.commit()
         counts.update(batch)
@@ -112,7 +112,7 @@ def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Count
     while True:
         with c.sessions() as session:
             batch, ids, after = maintenance.sweep_open_payments(
-                session, c.gateways.stripe, now, window, after=after
+                session, c.gateways.stripe, now, window, run_id=run.id, after=after
             )
             session.commit()
         counts.update(batch)
@@ -127,7 +127,11 @@ def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Count
         with c.sessions() as session:
             for intent in batch_of:
                 counts["listed"] += 1
-                counts.update(maintenance.sync_listed_intent(session, c.gateways.stripe, intent, now, window))
+                counts.update(
+                    maintenance.sync_listed_intent(
+                        session, c.gateways.stripe, intent, now, window, run_id=run.id
+                    )
+                )
             session.commit()
 
 

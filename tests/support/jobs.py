@@ -18,18 +18,23 @@ from schedules.jobs import job_table
 from tests.support.shop import checkout
 from workers.broker import build_broker
 from workers.job_messages import MessageSender
-from workers.jobs import JobContext, JobRunner, job_gateways
+from workers.jobs import JobContext, JobGateways, JobRunner, job_gateways
 
 
 @contextmanager
 def job_runner(
-    sessions: sessionmaker[Session], settings: Settings, clock: Callable[[], datetime] | None = None
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    clock: Callable[[], datetime] | None = None,
+    *,
+    gateways: Callable[[JobGateways], JobGateways] = lambda real: real,
 ) -> Iterator[JobRunner]:
+    """`gateways` may wrap the real providers' gateways (a test's twist on them)."""
     broker = build_broker(settings)
     context = JobContext(
         sessions,
         settings,
-        job_gateways(settings),
+        gateways(job_gateways(settings)),
         MessageSender(broker),
         clock or (lambda: datetime.now(UTC)),
     )
