@@ -118,9 +118,12 @@ class SlotClaimer:
         return sent
 
     def republish(self) -> list[int]:
-        """Publish queued runs whose publish never happened; the rows stay
-        locked while publishing, so two schedulers never both send one."""
+        """Publish queued runs whose publish never happened, each job's newest
+        slot only (older ones are skipped: one catch-up run, not a pile); the
+        rows stay locked while publishing, so two schedulers never both send one."""
         with self._sessions() as session:
+            if superseded := runs.supersede_unpublished(session):
+                log.info("%d unpublished job run(s) superseded by a later slot of their job", superseded)
             waiting = runs.lock_unpublished(session, grace=self._republish_after)
             messages = [
                 (run_id, run_message(job.actor, run_id))

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, cast, func, select, update
+from sqlalchemy import Integer, cast, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from domain.models import ScheduledRun
 
@@ -91,10 +91,41 @@ def mark_published(session: Session, run_ids: Iterable[int]) -> None:
         session.execute(update(ScheduledRun).where(ScheduledRun.id.in_(ids)).values(published_at=func.now()))
 
 
+def supersede_unpublished(session: Session) -> int:
+    """Scheduled runs never published whose job has a later slot claimed
+    (RabbitMQ was down while the slots came and went) are skipped: on
+    recovery each job runs once, for its newest slot, not once per slot
+    missed. Rows another scheduler is publishing right now are left to it."""
+    later = aliased(ScheduledRun)
+    locked = (
+        select(ScheduledRun.id)
+        .where(
+            ScheduledRun.state == "queued",
+            ScheduledRun.trigger == "scheduled",
+            ScheduledRun.published_at.is_(None),
+            exists().where(
+                later.job == ScheduledRun.job,
+                later.slot > ScheduledRun.slot,
+                later.state != "skipped",
+            ),
+        )
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    superseded = session.execute(
+        update(ScheduledRun)
+        .where(ScheduledRun.id.in_(locked))
+        .values(state="skipped", error="superseded by a later slot", finished_at=func.now())
+        .returning(ScheduledRun.id)
+    ).all()
+    return len(superseded)
+
+
 def lock_unpublished(session: Session, *, grace: timedelta, limit: int = 100) -> list[tuple[int, str]]:
     """Queued runs whose publish never happened (the claimer died between
     commit and publish, or RabbitMQ was down), older than `grace`, locked so
-    two schedulers split them."""
+    two schedulers split them. Call supersede_unpublished first: only each
+    job's newest slot is left to publish."""
     query = (
         select(ScheduledRun.id, ScheduledRun.job)
         .where(

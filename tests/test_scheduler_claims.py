@@ -196,6 +196,46 @@ def test_a_run_left_running_past_its_time_limit_is_recorded_failed(sessions, set
     assert scalar(sessions, "SHOW tcp_keepalives_idle") == "30"
 
 
+def test_claims_made_while_rabbitmq_was_down_publish_one_run_per_job(sessions, settings):
+    down = claimer(sessions, settings, RecordingSender(fail=True))
+    start = datetime(2026, 6, 6, 6, 58, tzinfo=UTC)  # Saturday 08:58 Paris, through the 10:00 reviews
+    now = start
+    while now < start + timedelta(hours=2):
+        down.run_once(now=now)
+        now += timedelta(seconds=240)
+    assert scalar(sessions, "SELECT count(*) FROM scheduled_runs WHERE published_at IS NULL") > 30
+    time.sleep(0.6)  # past the republish grace
+    sender = RecordingSender()
+    claimer(sessions, settings, sender).run_once(now=now)
+    with sessions() as session:
+        published = dict(
+            session.execute(
+                text("SELECT job, count(*) FROM scheduled_runs WHERE id = ANY(:ids) GROUP BY job"),
+                {"ids": sender.sent},
+            ).all()
+        )
+        newest = session.execute(
+            text("SELECT job, max(slot) FROM scheduled_runs WHERE state = 'queued' GROUP BY job ORDER BY job")
+        ).all()
+        superseded = scalar(
+            sessions, "SELECT count(*) FROM scheduled_runs WHERE error LIKE 'superseded by a later slot%'"
+        )
+    assert published == {
+        "expire-stale-orders": 1,
+        "release-expired-reservations": 1,
+        "clean-expired-carts": 1,
+        "request-reviews": 1,
+    }
+    assert len(sender.sent) == 4 and len(newest) == 4  # only the newest slot of each job is still queued
+    assert (
+        scalar(
+            sessions, "SELECT count(*) FROM scheduled_runs WHERE state = 'queued' AND published_at IS NULL"
+        )
+        == 0
+    )
+    assert superseded > 25
+
+
 def _drain_jobs_queue(broker_url: str) -> list[Any]:
     connection = pika.BlockingConnection(pika.URLParameters(broker_url))
     channel = connection.channel()
