@@ -79,7 +79,7 @@ def test_reviews_are_requested_once_per_order_whatever_runs_and_redeliveries(
         broker.enqueue(review_request_message(request_id))
         broker.enqueue(review_request_message(request_id))
     broker.close()
-    eventually(lambda: worker.broker.join("notifications", timeout=10_000) is None)
+    settle(worker, "notifications")  # every delivery processed, retries included
     sent = fake_whatsapp.messages
     assert len(sent) == 2
     assert sorted(m.to for m in sent) == ["whatsapp:+33611111111", "whatsapp:+33622222222"]
