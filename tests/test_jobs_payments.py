@@ -40,11 +40,13 @@ def test_expire_asks_stripe_first_and_expires_only_what_cannot_be_paid(
         ]
         again = run_job(runner, sessions, "expire-stale-orders")
 
+    # The order whose retrieve failed is the first stale one by id (ids are
+    # random: any of the four); it stayed pending for the next run.
+    first = min((name for name in orders if name != "fresh"), key=lambda name: uuid.UUID(orders[name][0]))
     assert run["counts"]["examined"] == 4
     assert run["counts"]["provider_errors"] == 1
-    assert run["counts"]["left_processing"] == 1
-    # The order whose retrieve failed (the first by id) stayed pending for the next run.
-    assert len(failed) == 3 and {"processing", "fresh"} < set(failed)
+    assert run["counts"].get("left_processing", 0) == int(first != "processing")
+    assert sorted(failed) == sorted({first, "processing", "fresh"})
     # After the second run every stale order is settled the way Stripe says.
     assert order_status(sessions, orders["abandoned"][0]) == ("expired", "canceled")
     assert order_status(sessions, orders["error"][0]) == ("expired", "canceled")
@@ -54,7 +56,8 @@ def test_expire_asks_stripe_first_and_expires_only_what_cannot_be_paid(
     assert fake_stripe.get(orders["abandoned"][1])["cancellation_reason"] == "abandoned"
     assert cancels(fake_stripe, orders["paid"][1]) == 0
     assert again["counts"].get("expired", 0) + run["counts"].get("expired", 0) == 2
-    assert again["counts"].get("payment_intents_canceled", 0) + run["counts"]["payment_intents_canceled"] == 2
+    canceled = [r["counts"].get("payment_intents_canceled", 0) for r in (run, again)]
+    assert sum(canceled) == 2
     # Ten on hand: one sold, two held (processing, fresh), two given back.
     assert product(client, "TEE-M")["on_hand"] == 9
     assert product(client, "TEE-M")["reserved"] == 2
