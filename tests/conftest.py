@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -16,6 +19,7 @@ from typing import Any
 import dramatiq
 import psycopg
 import pytest
+import requests
 from falcon import testing
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -204,3 +208,53 @@ def eventually(check: Callable[[], Any], timeout: float = 15.0, interval: float 
 def scalar(sessions: sessionmaker[Session], sql: str, **params: Any) -> Any:
     with sessions() as session:
         return session.execute(text(sql), params).scalar()
+
+
+# --- the fleet as real processes (for the end-to-end tests) ---------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def spawn(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "payfleet.cli", *args],
+            env={**os.environ, **env, "WEB_CONCURRENCY": "2"},
+            start_new_session=True,  # its own process group: killed whole below
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in started:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def ingress(spawn: Callable[..., subprocess.Popen[bytes]]) -> str:
+    port = free_port()
+    spawn("ingress", "--bind", f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return requests.get(f"{base}/readyz", timeout=10).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):
+            return False
+
+    eventually(ready, timeout=30, interval=0.2)
+    return base

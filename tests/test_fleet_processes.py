@@ -5,69 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, eventually
+from tests.conftest import ADMIN_TOKEN, eventually, free_port
 from tests.support.shop import SECRET, intent_event
 from tests.support.stripe_signing import sign_stripe_payload
 
 pytestmark = pytest.mark.e2e
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def spawn(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "payfleet.cli", *args],
-            env={**os.environ, **env, "WEB_CONCURRENCY": "2"},
-            start_new_session=True,  # its own process group: killed whole below
-        )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in started:
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-@pytest.fixture
-def ingress(spawn: Callable[..., subprocess.Popen[bytes]]) -> str:
-    port = _free_port()
-    spawn("ingress", "--bind", f"127.0.0.1:{port}")
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{base}/readyz", timeout=10).status_code == 200
-        except (requests.ConnectionError, requests.Timeout):
-            return False
-
-    eventually(ready, timeout=30, interval=0.2)
-    return base
 
 
 def _deliver(base: str, body: bytes) -> requests.Response:
@@ -136,7 +87,7 @@ def test_events_taken_while_the_worker_is_dead_are_applied_once_after_restart(in
 
 
 def test_up_runs_the_fleet_and_stops_cleanly_on_ctrl_c(env):
-    port = _free_port()
+    port = free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "payfleet.cli", "up", "--bind", f"127.0.0.1:{port}", "--processes", "1"],
         env={**os.environ, **env},

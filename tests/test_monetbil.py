@@ -6,15 +6,9 @@ behind. Outcomes only: status codes, rows, stock and the fake's counters."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from typing import Any
@@ -676,53 +670,12 @@ def test_a_eur_checkout_through_monetbil_is_refused_and_changes_nothing(
 # --- 9. end to end through real processes -----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def spawn(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "payfleet.cli", *args],
-            env={**os.environ, **env, "WEB_CONCURRENCY": "2"},
-            start_new_session=True,  # its own process group: killed whole below
-        )
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in started:
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _ready(base: str) -> bool:
-    try:
-        return requests.get(f"{base}/readyz", timeout=10).status_code == 200
-    except (requests.ConnectionError, requests.Timeout):
-        return False
-
-
 @pytest.mark.e2e
-def test_the_full_monetbil_path_through_real_processes(spawn, fake_monetbil):
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
+def test_the_full_monetbil_path_through_real_processes(ingress, spawn, fake_monetbil):
+    base = ingress
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    spawn("ingress", "--bind", f"127.0.0.1:{port}")
     spawn("worker", "--processes", "1", "--threads", "2")
     spawn("scheduler")
-    eventually(lambda: _ready(base), timeout=30, interval=0.2)
 
     body = {"name": "Pagne wax", "price": PRICE, "currency": "XAF", "on_hand": 4}
     put = requests.put(f"{base}/admin/products/PAGNE", json=body, headers=admin, timeout=10)
