@@ -19,6 +19,7 @@ from payfleet.config import load_settings
 from tests.conftest import ADMIN_TOKEN, eventually, scalar
 from tests.support.shop import (
     ADMIN,
+    call,
     checkout,
     deliver,
     event_id_of,
@@ -30,14 +31,6 @@ from tests.support.shop import (
 from tests.support.stripe_signing import stripe_event
 
 # --------------------------------------------------------------------------- helpers
-
-
-def call(client: testing.TestClient, method: str, path: str, **kwargs: Any) -> testing.Result:
-    """One request; an exception escaping the app (no HTTP answer) fails the test."""
-    try:
-        return client.simulate_request(method, path, **kwargs)
-    except Exception as error:
-        pytest.fail(f"{method} {path}: the app raised {type(error).__name__} instead of answering: {error}")
 
 
 def put(client: testing.TestClient, sku: str, body: Any, headers: dict[str, str] = ADMIN) -> testing.Result:

@@ -6,10 +6,9 @@ transaction, so a refused checkout leaves it as it was (promises 4 and 8)."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,21 +19,13 @@ from sqlalchemy import text
 from ingress.app import collaborators, create_app
 from payfleet.config import load_settings
 from tests.conftest import scalar
-from tests.support.shop import order, product, put_product
+from tests.support.shop import call, order, product, put_product, race
 
 DAY = timedelta(hours=24)
 SLACK = timedelta(seconds=10)
 
 
 # --------------------------------------------------------------------------- drivers
-
-
-def call(client: testing.TestClient, method: str, path: str, **kwargs: Any) -> testing.Result:
-    """One request; an exception escaping the app (no HTTP answer) fails the test."""
-    try:
-        return client.simulate_request(method, path, **kwargs)
-    except Exception as error:
-        pytest.fail(f"{method} {path}: the app raised {type(error).__name__} instead of answering: {error}")
 
 
 def new_cart(client: testing.TestClient) -> dict[str, Any]:
@@ -111,29 +102,6 @@ def state(sessions) -> dict[str, Any]:
             "movements": rows("SELECT id FROM stock_movements ORDER BY id"),
             "products": rows("SELECT sku, on_hand, reserved FROM products ORDER BY sku"),
         }
-
-
-def race(calls: list[Callable[[], testing.Result]]) -> list[testing.Result]:
-    """Every call in its own thread, released together by a barrier."""
-    barrier = threading.Barrier(len(calls))
-    results: list[Any] = [None] * len(calls)
-
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            results[index] = calls[index]()
-        except BaseException as error:  # kept, so the assertion shows it
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads), "a checkout thread never finished"
-    for result in results:
-        assert isinstance(result, testing.Result), f"a call raised instead of answering: {result!r}"
-    return results
 
 
 @pytest.fixture

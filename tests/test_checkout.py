@@ -18,7 +18,7 @@ from sqlalchemy import text
 from ingress.app import collaborators, create_app
 from payfleet.config import load_settings
 from tests.conftest import scalar
-from tests.support.shop import checkout, order, product, put_product
+from tests.support.shop import checkout, order, product, put_product, race
 
 CREATE_PATH = "/v1/payment_intents"
 
@@ -77,29 +77,6 @@ def answered(client: testing.TestClient, body: Any) -> testing.Result:
         return client.simulate_post("/checkout", json=body)
     except Exception as error:
         pytest.fail(f"the app raised {type(error).__name__} instead of answering: {error}")
-
-
-def race(calls: list[Any]) -> list[testing.Result]:
-    """Run every call in its own thread, released together by a barrier."""
-    barrier = threading.Barrier(len(calls))
-    results: list[Any] = [None] * len(calls)
-
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            results[index] = calls[index]()
-        except Exception as error:  # kept, so the assertion shows it
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a checkout thread never finished"
-    for result in results:
-        assert isinstance(result, testing.Result), f"a checkout raised instead of answering: {result!r}"
-    return results
 
 
 class StockSampler:

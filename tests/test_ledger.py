@@ -23,47 +23,16 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from tests.conftest import TABLES, eventually, scalar
-from tests.support.shop import ADMIN, checkout, deliver, event_id_of, intent_event, product
+from tests.conftest import TABLES, scalar
+from tests.support.shop import ADMIN, call, checkout, intent_event, place, product, settle
 
 # --------------------------------------------------------------------------- drivers
-
-
-def call(client: testing.TestClient, method: str, path: str, **kwargs: Any) -> testing.Result:
-    """One request; an exception escaping the app (no HTTP answer) fails the test."""
-    try:
-        return client.simulate_request(method, path, **kwargs)
-    except Exception as error:
-        pytest.fail(f"{method} {path}: the app raised {type(error).__name__} instead of answering: {error}")
 
 
 def set_stock(client: testing.TestClient, sku: str, on_hand: int, threshold: int = 0) -> testing.Result:
     body = {"name": f"Product {sku}", "price": 1000, "currency": "EUR", "on_hand": on_hand}
     body["low_stock_threshold"] = threshold
     return call(client, "PUT", f"/admin/products/{sku}", json=body, headers=ADMIN)
-
-
-def place(client: testing.TestClient, *lines: tuple[str, int]) -> tuple[str, str]:
-    answer = checkout(client, *lines)
-    assert answer.status_code == 201, answer.text
-    return answer.json["order_id"], answer.json["payment"]["provider_payment_id"]
-
-
-def settle(client: testing.TestClient, sessions, body: bytes) -> None:
-    """Deliver a signed event and wait until the worker has applied it."""
-    answer = deliver(client, body)
-    assert answer.status_code == 200, answer.text
-    key = event_id_of(body)
-
-    def done() -> Any:
-        with sessions() as session:
-            row = session.execute(
-                text("SELECT status, last_error FROM provider_events WHERE event_key = :k"), {"k": key}
-            ).one()
-        return row if row.status != "received" else None
-
-    row = eventually(done)
-    assert row.status == "processed", f"event {key} ended {row.status}: {row.last_error}"
 
 
 def pay(client: testing.TestClient, sessions, intent_id: str) -> None:

@@ -5,7 +5,6 @@ refund, and a payment that succeeds after its order expired (issue 3, item 7;
 
 from __future__ import annotations
 
-import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -15,19 +14,11 @@ from falcon import testing
 from sqlalchemy import text
 
 from domain.stock import release
-from tests.conftest import eventually, scalar
-from tests.support.shop import ADMIN, checkout, deliver, event_id_of, intent_event, order, put_product
+from tests.conftest import scalar
+from tests.support.shop import ADMIN, call, checkout, intent_event, order, place, put_product, race, settle
 from tests.support.stripe_signing import stripe_event
 
 # --------------------------------------------------------------------------- drivers
-
-
-def call(client: testing.TestClient, method: str, path: str, **kwargs: Any) -> testing.Result:
-    """One request; an exception escaping the app (no HTTP answer) fails the test."""
-    try:
-        return client.simulate_request(method, path, **kwargs)
-    except Exception as error:
-        pytest.fail(f"{method} {path}: the app raised {type(error).__name__} instead of answering: {error}")
 
 
 def act(client: testing.TestClient, order_id: str, action: str, **kwargs: Any) -> testing.Result:
@@ -37,31 +28,6 @@ def act(client: testing.TestClient, order_id: str, action: str, **kwargs: Any) -
 def give_back(client: testing.TestClient, order_id: str, *lines: tuple[str, int]) -> testing.Result:
     body = {"lines": [{"sku": sku, "quantity": quantity} for sku, quantity in lines]}
     return act(client, order_id, "return", json=body)
-
-
-def place(client: testing.TestClient, *lines: tuple[str, int]) -> tuple[str, str]:
-    """Check out; returns (order id, PaymentIntent id)."""
-    answer = checkout(client, *lines)
-    assert answer.status_code == 201, answer.text
-    return answer.json["order_id"], answer.json["payment"]["provider_payment_id"]
-
-
-def settle(client: testing.TestClient, sessions, body: bytes) -> int:
-    """Deliver a signed event, wait until the worker applied it; its row id."""
-    answer = deliver(client, body)
-    assert answer.status_code == 200, answer.text
-    key = event_id_of(body)
-
-    def done() -> Any:
-        with sessions() as session:
-            row = session.execute(
-                text("SELECT id, status, last_error FROM provider_events WHERE event_key = :k"), {"k": key}
-            ).one()
-        return row if row.status != "received" else None
-
-    row = eventually(done)
-    assert row.status == "processed", f"event {key} ended {row.status}: {row.last_error}"
-    return int(row.id)
 
 
 def pay(client: testing.TestClient, sessions, intent_id: str) -> int:
@@ -593,32 +559,12 @@ def test_an_order_that_never_sold_cannot_take_a_return_after_its_refund(client, 
     assert scalar(sessions, "SELECT count(*) FROM stock_movements WHERE reference = :o", o=order_id) == 0
 
 
-def race(calls: list[Any]) -> list[Any]:
-    """Every call in its own thread, released together by a barrier."""
-    barrier = threading.Barrier(len(calls))
-    results: list[Any] = [None] * len(calls)
-
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            results[index] = calls[index]()
-        except BaseException as error:  # kept, so the assertion shows it
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads), "a thread never finished"
-    return results
-
-
 def test_concurrent_returns_listing_skus_in_any_order_all_succeed(client, sessions, fake_stripe, worker):
-    """Returns lock product rows line by line in the order the body lists
-    them (domain/orders.py, record_return), unlike reservations, which sort.
-    Two returns naming the same SKUs in opposite orders, or a return racing a
-    checkout, can then deadlock: PostgreSQL aborts one and the admin gets 503."""
+    """Returns apply their lines in SKU order, the lock order reservations
+    use (domain/orders.py, record_return). Were they applied in the order the
+    body lists them, two returns naming the same SKUs in opposite orders, or
+    a return racing a checkout, would deadlock: PostgreSQL aborts one and the
+    admin gets 503."""
     put_product(client, "TEE", on_hand=100)
     put_product(client, "CAP", on_hand=100)
     orders = []

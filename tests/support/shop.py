@@ -4,11 +4,16 @@ Stripe event, read stock and orders back, all through the public HTTP API."""
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
+import pytest
 from falcon import testing
+from sqlalchemy import text
 
+from tests.conftest import eventually
 from tests.support.stripe_signing import sign_stripe_payload, stripe_event
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
@@ -78,3 +83,60 @@ def post_callback(client: testing.TestClient, fields: dict[str, str]) -> testing
         body=urlencode(fields),
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
+
+
+def call(client: testing.TestClient, method: str, path: str, **kwargs: Any) -> testing.Result:
+    """One request; an exception escaping the app (no HTTP answer) fails the test."""
+    try:
+        return client.simulate_request(method, path, **kwargs)
+    except Exception as error:
+        pytest.fail(f"{method} {path}: the app raised {type(error).__name__} instead of answering: {error}")
+
+
+def place(client: testing.TestClient, *lines: tuple[str, int]) -> tuple[str, str]:
+    """Check out with Stripe; returns (order id, PaymentIntent id)."""
+    answer = checkout(client, *lines)
+    assert answer.status_code == 201, answer.text
+    return answer.json["order_id"], answer.json["payment"]["provider_payment_id"]
+
+
+def settle(client: testing.TestClient, sessions: Any, body: bytes) -> int:
+    """Deliver a signed event, wait until the worker applied it; its row id."""
+    answer = deliver(client, body)
+    assert answer.status_code == 200, answer.text
+    key = event_id_of(body)
+
+    def done() -> Any:
+        with sessions() as session:
+            row = session.execute(
+                text("SELECT id, status, last_error FROM provider_events WHERE event_key = :k"), {"k": key}
+            ).one()
+        return row if row.status != "received" else None
+
+    row = eventually(done)
+    assert row.status == "processed", f"event {key} ended {row.status}: {row.last_error}"
+    return int(row.id)
+
+
+def race(calls: Sequence[Callable[..., testing.Result]]) -> list[testing.Result]:
+    """Every call in its own thread, released together by a barrier; each
+    must come back with an HTTP answer."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = calls[index]()
+        except BaseException as error:  # kept, so the assertion shows it
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a racing call never finished"
+    for result in results:
+        assert isinstance(result, testing.Result), f"a call raised instead of answering: {result!r}"
+    return results
