@@ -155,8 +155,6 @@ class MonetbilGateway(Protocol):
         email: str | None,
     ) -> str: ...
 
-    def check_payment(self, transaction_id: str) -> str: ...
-
     def check_transaction(self, transaction_id: str) -> MonetbilCheck: ...
 
 
@@ -196,9 +194,6 @@ class MonetbilApiGateway:
         if answer.get("success") is not True or not isinstance(url, str):
             raise ProviderError(f"Monetbil refused the payment: {answer.get('message') or answer}")
         return url
-
-    def check_payment(self, transaction_id: str) -> str:
-        return self.check_transaction(transaction_id).status
 
     def check_transaction(self, transaction_id: str) -> MonetbilCheck:
         """The transaction by Monetbil's own word; a transaction Monetbil does

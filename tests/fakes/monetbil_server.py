@@ -5,7 +5,7 @@
         url = gateway.start_payment(amount=1500, currency="XAF", payment_ref="ord_1", ...)
         form = fake.pay("ord_1")                    # marks the transaction, returns a signed callback
         requests.post(ingress + "/webhooks/monetbil", data=form)
-        assert gateway.check_payment(form["transaction_id"]) == "succeeded"
+        assert gateway.check_transaction(form["transaction_id"]).status == "succeeded"
 
 What it serves
 --------------
