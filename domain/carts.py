@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from domain.errors import Conflict, Gone, InvalidRequest, NotFound, UnknownSku
@@ -101,3 +101,17 @@ def release_from(session: Session, order_id: uuid.UUID) -> None:
     """The order a cart became never started its payment: the cart is the
     customer's again, to check out once more."""
     session.execute(update(Cart).where(Cart.order_id == order_id).values(order_id=None, checked_out_at=None))
+
+
+def delete_expired_carts(session: Session, now: datetime, *, limit: int = 500) -> int:
+    """Deletes up to `limit` carts past their expiry (their items go with
+    them); returns how many."""
+    doomed = (
+        select(Cart.id)
+        .where(Cart.expires_at < now)
+        .order_by(Cart.expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return len(session.execute(delete(Cart).where(Cart.id.in_(doomed)).returning(Cart.id)).all())

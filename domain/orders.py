@@ -69,7 +69,7 @@ def place_order(session: Session, command: PlaceOrder, payment_window: timedelta
         currency=command.currency,
     )
     session.add(payment)
-    _log(session, order.id, "order", None, "pending_payment", "checkout")
+    log_transition(session, order.id, "order", None, "pending_payment", "checkout")
     if command.cart_id is not None:
         carts.check_out(session, command.cart_id, order.id)
     session.flush()
@@ -173,7 +173,7 @@ _ORDER_EFFECTS = {
 def _move_payment(
     session: Session, order: Order, payment: Payment, status: str, reason: str, event_id: int | None
 ) -> None:
-    _log(session, order.id, "payment", payment.status, status, reason, event_id)
+    log_transition(session, order.id, "payment", payment.status, status, reason, event_id)
     payment.status = status
     payment.updated_at = datetime.now(UTC)
 
@@ -181,12 +181,12 @@ def _move_payment(
 def _move_order(session: Session, order: Order, status: str, reason: str, event_id: int | None) -> None:
     if order.status == status:
         return
-    _log(session, order.id, "order", order.status, status, reason, event_id)
+    log_transition(session, order.id, "order", order.status, status, reason, event_id)
     order.status = status
     order.updated_at = datetime.now(UTC)
 
 
-def _log(
+def log_transition(
     session: Session,
     order_id: uuid.UUID,
     subject: str,

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from domain.errors import InsufficientStock, UnknownSku
-from domain.models import Product, StockMovement, StockReservation
+from domain.models import Order, Product, StockMovement, StockReservation
 
 log = logging.getLogger(__name__)
 
 Line = tuple[str, int]  # (sku, quantity)
+
+# Orders whose payment went through; their stock is theirs.
+PAID_ORDER_STATUSES = ("paid", "ready_for_pickup", "completed", "refunded")
 
 
 def reserve(session: Session, order_id: uuid.UUID, lines: Iterable[Line]) -> None:
@@ -198,3 +203,30 @@ def units_by_type(session: Session, reference: str, kind: str) -> dict[str, int]
         .group_by(StockMovement.sku)
     ).all()
     return {sku: abs(int(total)) for sku, total in rows}
+
+
+def release_expired_reservations(
+    session: Session, now: datetime, ttl: timedelta, *, after: uuid.UUID | None = None, limit: int = 100
+) -> tuple[Counter[str], uuid.UUID | None]:
+    """Active reservations older than `ttl` whose order is not paid go back
+    to the shelf, one order at a time under its row lock. The order itself
+    stays as it is (expiring it is the expire job's work)."""
+    old = select(StockReservation.order_id).where(
+        StockReservation.status == "active", StockReservation.created_at < now - ttl
+    )
+    query = (
+        select(Order)
+        .where(Order.id.in_(old), Order.status.not_in(PAID_ORDER_STATUSES))
+        .order_by(Order.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if after is not None:
+        query = query.where(Order.id > after)
+    orders = list(session.scalars(query))
+    counts: Counter[str] = Counter()
+    for order in orders:
+        released = release(session, order.id)
+        counts["orders_released"] += 1
+        counts["units_released"] += sum(quantity for _, quantity in released)
+    return counts, orders[-1].id if len(orders) == limit else None

@@ -10,11 +10,11 @@ from typing import Any
 import falcon
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain import catalog, orders
+from domain import orders, products, views
 from domain.errors import InvalidRequest, NotFound
 from ingress.errors import ApiError
 from ingress.parsing import json_object, required
-from workers.publisher import EventInbox
+from payfleet.platform.outbox import EventInbox
 
 MAX_BODY = 64 * 1024
 
@@ -59,13 +59,13 @@ def _non_negative(
     return value
 
 
-def parse_product(sku: str, body: dict[str, Any]) -> catalog.PutProduct:
+def parse_product(sku: str, body: dict[str, Any]) -> products.PutProduct:
     if not sku or len(sku) > 64:
         raise InvalidRequest("a SKU is 1 to 64 characters")
     currency = required(body, "currency", str)
     if len(currency) != 3 or not currency.isalpha():
         raise InvalidRequest(f"currency must be a 3-letter ISO code, got {currency!r}")
-    return catalog.PutProduct(
+    return products.PutProduct(
         sku=sku,
         name=required(body, "name", str),
         price=_non_negative(body, "price", most=INT8_MAX),
@@ -81,25 +81,24 @@ class Products(AdminResource):
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
         command = parse_product(sku, json_object(req, MAX_BODY))
-        with self._sessions() as session:
-            view, created = catalog.put_product(session, command)
-            session.commit()
+        with self._sessions.begin() as session:
+            view, created = products.put_product(session, command)
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
         resp.media = view
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
         with self._sessions() as session:
-            resp.media = catalog.get_product(session, sku)
+            resp.media = products.get_product(session, sku)
 
     def on_get_list(self, req: falcon.Request, resp: falcon.Response) -> None:
         low_stock = req.get_param_as_bool("low_stock")
         with self._sessions() as session:
-            resp.media = {"products": catalog.list_products(session, low_stock=low_stock, limit=_limit(req))}
+            resp.media = {"products": products.list_products(session, low_stock=low_stock, limit=_limit(req))}
 
     def on_get_movements(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
         before = req.get_param_as_int("before", min_value=1)
         with self._sessions() as session:
-            resp.media = catalog.movements(session, sku, limit=_limit(req), before=before)
+            resp.media = products.movements(session, sku, limit=_limit(req), before=before)
 
 
 class Orders(AdminResource):
@@ -108,12 +107,12 @@ class Orders(AdminResource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, order_id: str) -> None:
         with self._sessions() as session:
-            resp.media = catalog.order_view(session, order_id)
+            resp.media = views.order_view(session, order_id)
 
     def on_get_list(self, req: falcon.Request, resp: falcon.Response) -> None:
         with self._sessions() as session:
             resp.media = {
-                "orders": catalog.list_orders(session, status=req.get_param("status"), limit=_limit(req))
+                "orders": views.list_orders(session, status=req.get_param("status"), limit=_limit(req))
             }
 
     def on_post_ready_for_pickup(self, req: falcon.Request, resp: falcon.Response, order_id: str) -> None:
@@ -131,10 +130,10 @@ class Orders(AdminResource):
     ) -> None:
         key = _order_key(order_id)
         with self._sessions() as session:
-            catalog.order_view(session, order_id)  # 404 before anything is locked
+            views.order_view(session, order_id)  # 404 before anything is locked
             change(session, key)
             session.commit()
-            resp.media = catalog.order_view(session, order_id)
+            resp.media = views.order_view(session, order_id)
 
 
 def _order_key(order_id: str) -> uuid.UUID:
@@ -168,7 +167,7 @@ class ReservationStats(AdminResource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         with self._sessions() as session:
-            resp.media = catalog.reservation_stats(session)
+            resp.media = views.reservation_stats(session)
 
 
 class Events(AdminResource):
@@ -179,7 +178,7 @@ class Events(AdminResource):
         limit = req.get_param_as_int("limit", min_value=1, max_value=500, default=50)
         with self._sessions() as session:
             resp.media = {
-                "events": catalog.list_events(
+                "events": views.list_events(
                     session, provider=req.get_param("provider"), status=req.get_param("status"), limit=limit
                 )
             }

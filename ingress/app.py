@@ -11,16 +11,17 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.gateways import MonetbilApiGateway, MonetbilGateway, StripeApiGateway, StripeGateway
-from ingress import errors, jobs
+from ingress import admin_jobs, errors
 from ingress.admin import AdminAuth, Events, Orders, Products, ReservationStats
 from ingress.carts import Carts
 from ingress.checkout import Checkout, MonetbilLinks
 from ingress.health import CountResponses, Healthz, Metrics, Readyz
 from ingress.webhooks import MonetbilWebhook, StripeWebhook
-from payfleet.config import Settings, load_settings
-from payfleet.db import make_engine, make_sessions
-from workers.broker import build_broker
-from workers.publisher import EventInbox, EventPublisher
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, load_settings
+from payfleet.platform.db import make_engine, make_sessions
+from payfleet.platform.outbox import EventInbox
+from payfleet.platform.publishing import Publisher
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Collaborators:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    publisher: EventPublisher
+    publisher: Publisher
     stripe: StripeGateway
     monetbil: MonetbilGateway
     broker_parameters: object
@@ -68,7 +69,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     events = Events(c.sessions, inbox)
     app.add_route("/admin/events", events)
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
-    jobs.add_routes(app, c.sessions, s)
+    admin_jobs.add_routes(app, c.sessions, s)
     app.add_route("/healthz", Healthz())
     app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))
@@ -82,7 +83,7 @@ def collaborators(settings: Settings) -> Collaborators:
         settings=settings,
         engine=engine,
         sessions=make_sessions(engine),
-        publisher=EventPublisher(broker, deadline=settings.publish_timeout_seconds),
+        publisher=Publisher(broker, deadline=settings.publish_timeout_seconds),
         stripe=StripeApiGateway(
             settings.stripe_api_key, settings.stripe_api_base, timeout=settings.stripe_timeout_seconds
         ),

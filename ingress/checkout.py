@@ -101,9 +101,8 @@ class Checkout:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         command = parse_checkout(json_object(req, self._max_body))
         try:
-            with self._sessions() as session:
+            with self._sessions.begin() as session:
                 order, payment = place_order(session, command, self._window)
-                session.commit()
             started = self._start_payment(order, payment)
         except DomainError as error:
             CHECKOUTS.labels(command.provider, error.code).inc()
@@ -126,9 +125,8 @@ class Checkout:
             return self._starters[payment.provider](order, payment)
         except ProviderError as error:
             # Nothing stays reserved for a payment that never started.
-            with self._sessions() as session:
+            with self._sessions.begin() as session:
                 abandon_checkout(session, order.id, f"payment could not start: {error.detail}")
-                session.commit()
             raise
 
     def _start_stripe(self, order: Order, payment: Payment) -> dict[str, Any]:
@@ -139,9 +137,8 @@ class Checkout:
             # Deterministic: a retried call can never create a second intent.
             idempotency_key=f"payfleet-checkout-{payment.id}",
         )
-        with self._sessions() as session:
+        with self._sessions.begin() as session:
             attach_provider_payment(session, payment.id, intent.id)
-            session.commit()
         payment.provider_payment_id = intent.id
         return {"client_secret": intent.client_secret}
 

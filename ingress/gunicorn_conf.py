@@ -1,8 +1,10 @@
-"""gunicorn settings for the ingress (`--config python:ingress.gunicorn_conf`).
+"""gunicorn settings for the ingress (`--config python:ingress.gunicorn_conf`),
+taken from payfleet's settings like everything else.
 
 Workers count with prometheus-client's multiprocess mode. prometheus-client
-picks its storage when first imported, so the directory is set here, in the
-master, before anything imports it (hence the late import below)."""
+picks its storage from `PROMETHEUS_MULTIPROC_DIR` when first imported, so
+this hook translates the setting into that variable here, in the master,
+before anything imports it (hence the late import below)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import shutil
 import tempfile
 from typing import Any
 
-# A directory of this run's own unless the operator names one; removed on exit.
-_own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-if _own_metrics_dir:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="payfleet-ingress-metrics-")
+from payfleet.platform.config import load_settings
 
-workers = int(os.environ.get("WEB_CONCURRENCY") or "2")
+_settings = load_settings()
+# A directory of this run's own unless the operator names one; removed on exit.
+_own_metrics_dir = not _settings.prometheus_multiproc_dir
+_metrics_dir = _settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="payfleet-ingress-metrics-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+workers = _settings.web_concurrency
 worker_class = "sync"
 # Webhooks and checkouts answer in well under this; a hung worker is recycled.
 timeout = 30
@@ -39,4 +44,4 @@ control_socket_disable = True
 
 def on_exit(server: Any) -> None:
     if _own_metrics_dir:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+        shutil.rmtree(_metrics_dir, ignore_errors=True)

@@ -8,7 +8,7 @@ from prometheus_client import Counter
 from domain.events import monetbil_event_facts, stripe_event_facts
 from ingress import monetbil_signature, stripe_signature
 from ingress.parsing import parse_form, parse_json, read_body
-from workers.publisher import EventInbox
+from payfleet.platform.outbox import EventInbox
 
 WEBHOOKS = Counter("payfleet_webhooks_total", "Provider webhooks answered", ["provider", "outcome"])
 

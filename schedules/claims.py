@@ -18,11 +18,11 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
-from payfleet.config import Settings
-from schedules import runs
-from schedules.jobs import Job, JobTable, job_table
-from workers.broker import build_broker
-from workers.job_messages import MessageSender, run_message
+from domain import job_runs
+from domain.job_table import Job, JobTable
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, job_table
+from payfleet.platform.publishing import Publisher, run_message
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SlotClaimer:
         self,
         sessions: sessionmaker[Session],
         table: JobTable,
-        sender: MessageSender,
+        sender: Publisher,
         *,
         republish_after: float,
         abandon_after: float = 3600.0,
@@ -72,26 +72,25 @@ class SlotClaimer:
         slot = self._latest(job, now)
         if slot is None or self._seen.get(job.name) == slot:
             return None
-        with self._sessions() as session:
-            if runs.slot_recorded(session, job.name, slot):
+        with self._sessions.begin() as session:
+            if job_runs.slot_recorded(session, job.name, slot):
                 self._seen[job.name] = slot
                 return None
-            previous = runs.last_slot(session, job.name)
+            previous = job_runs.last_slot(session, job.name)
             late = now - slot
             state = "queued" if late <= job.catch_up else "skipped"
             note = (
                 None if state == "queued" else f"found {late} late, past the {job.catch_up} catch-up window"
             )
-            run_id = runs.claim(session, job.name, slot, state, note)
+            run_id = job_runs.claim(session, job.name, slot, state, note)
             if run_id is None:
                 self._seen[job.name] = slot
                 return None  # another replica holds this slot
             if previous is not None and previous < slot:
                 missed = schedule.between(max(previous, slot - SKIP_LOOKBACK), slot)[:-1]
-                runs.record_skipped(
+                job_runs.record_skipped(
                     session, job.name, missed, f"missed while no scheduler ran; coalesced into run {run_id}"
                 )
-            session.commit()
         self._seen[job.name] = slot
         CLAIMED.labels(job.name, state).inc()
         log.info("job %s slot %s claimed as run %s (%s)", job.name, slot.isoformat(), run_id, state)
@@ -112,27 +111,25 @@ class SlotClaimer:
             return []
         sent = self._sender.send([(run_id, run_message(actor, run_id)) for run_id, actor in claimed])
         if sent:
-            with self._sessions() as session:
-                runs.mark_published(session, sent)
-                session.commit()
+            with self._sessions.begin() as session:
+                job_runs.mark_published(session, sent)
         return sent
 
     def republish(self) -> list[int]:
         """Publish queued runs whose publish never happened, each job's newest
         slot only (older ones are skipped: one catch-up run, not a pile); the
         rows stay locked while publishing, so two schedulers never both send one."""
-        with self._sessions() as session:
-            if superseded := runs.supersede_unpublished(session):
+        with self._sessions.begin() as session:
+            if superseded := job_runs.supersede_unpublished(session):
                 log.info("%d unpublished job run(s) superseded by a later slot of their job", superseded)
-            waiting = runs.lock_unpublished(session, grace=self._republish_after)
+            waiting = job_runs.lock_unpublished(session, grace=self._republish_after)
             messages = [
                 (run_id, run_message(job.actor, run_id))
                 for run_id, name in waiting
                 if (job := self._table.get(name)) is not None
             ]
             sent = self._sender.send(messages) if messages else []
-            runs.mark_published(session, sent)
-            session.commit()
+            job_runs.mark_published(session, sent)
         if sent:
             log.info("republished job runs %s", sent)
         return sent
@@ -142,9 +139,8 @@ class SlotClaimer:
         minute is plenty."""
         if time.monotonic() - self._swept_at < SWEEP_INTERVAL_SECONDS:
             return []
-        with self._sessions() as session:
-            failed = runs.fail_abandoned(session, older_than=self._abandon_after)
-            session.commit()
+        with self._sessions.begin() as session:
+            failed = job_runs.fail_abandoned(session, older_than=self._abandon_after)
         self._swept_at = time.monotonic()
         if failed:
             log.warning("job runs %s abandoned while running; recorded failed", failed)
@@ -155,7 +151,7 @@ def claimer_for(settings: Settings, sessions: sessionmaker[Session]) -> SlotClai
     return SlotClaimer(
         sessions,
         job_table(settings),
-        MessageSender(build_broker(settings)),
+        Publisher(build_broker(settings)),
         republish_after=settings.outbox_relay_grace_seconds,
         abandon_after=settings.job_time_limit_seconds + ABANDON_MARGIN_SECONDS,
     )

@@ -10,7 +10,7 @@ from prometheus_client import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.events import lock_unpublished, mark_published
-from workers.publisher import EventPublisher
+from payfleet.platform.publishing import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class OutboxRelay:
     def __init__(
         self,
         sessions: sessionmaker[Session],
-        publisher: EventPublisher,
+        publisher: Publisher,
         *,
         grace: float,
         stuck_after: float,
@@ -35,14 +35,13 @@ class OutboxRelay:
     def run_once(self) -> int:
         """Publish one batch; returns how many RabbitMQ confirmed. The rows
         stay locked while publishing, so a second scheduler skips them."""
-        with self._sessions() as session:
+        with self._sessions.begin() as session:
             ids = lock_unpublished(
                 session, grace=self._grace, stuck_after=self._stuck_after, limit=self._batch
             )
-            sent = self._publisher.send(ids) if ids else []
+            sent = self._publisher.send_events(ids) if ids else []
             if sent:
                 mark_published(session, sent)
-            session.commit()
         if sent:
             RELAYED.inc(len(sent))
             log.info("relayed %d stored events", len(sent))

@@ -13,12 +13,12 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import start_http_server
 
-from payfleet.config import Settings
-from payfleet.db import make_engine, make_sessions
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings
+from payfleet.platform.db import make_engine, make_sessions
+from payfleet.platform.publishing import Publisher
 from schedules.claims import claimer_for
 from schedules.relay import OutboxRelay
-from workers.broker import build_broker
-from workers.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def run(tasks: Sequence[Task], interval: float, stop: threading.Event) -> None:
 
 def tasks_for(settings: Settings) -> list[Task]:
     sessions = make_sessions(make_engine(settings.database_url, pool_size=2))
-    publisher = EventPublisher(build_broker(settings))
+    publisher = Publisher(build_broker(settings))
     relay = OutboxRelay(
         sessions,
         publisher,

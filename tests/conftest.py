@@ -26,14 +26,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain.models import Base
 from ingress.app import Collaborators, collaborators, create_app
-from payfleet.config import Settings, load_settings
-from payfleet.db import make_engine, make_sessions, migrate
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, load_settings
+from payfleet.platform.db import make_engine, make_sessions, migrate
 from tests.fakes.monetbil_server import FakeMonetbil
 from tests.fakes.stripe_server import FakeStripe
 from tests.fakes.whatsapp_server import ACCOUNT_SID, AUTH_TOKEN, SENDER, FakeWhatsApp
-from workers.actors import declare_actors
-from workers.broker import build_broker
-from workers.jobs import declare_job_actors, job_gateways
+from workers.apply_events import declare_event_actors
+from workers.job_runner import declare_job_actors, job_gateways
 
 PG_ADMIN_URL = os.environ.get("PAYFLEET_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_HOST_PART = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
@@ -185,7 +185,7 @@ def admin_headers() -> dict[str, str]:
 def worker(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[dramatiq.Worker]:
     """Real Dramatiq worker threads consuming the test vhost."""
     broker = build_broker(settings)
-    declare_actors(broker, sessions, settings)
+    declare_event_actors(broker, sessions, settings)
     declare_job_actors(broker, sessions, settings, job_gateways(settings))
     running = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
     running.start()

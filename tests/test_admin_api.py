@@ -15,7 +15,7 @@ from falcon import testing
 from sqlalchemy import text
 
 from ingress.app import collaborators, create_app
-from payfleet.config import load_settings
+from payfleet.platform.config import load_settings
 from tests.conftest import ADMIN_TOKEN, eventually, scalar
 from tests.support.shop import (
     ADMIN,

@@ -17,7 +17,7 @@ from falcon import testing
 from sqlalchemy import text
 
 from ingress.app import collaborators, create_app
-from payfleet.config import load_settings
+from payfleet.platform.config import load_settings
 from tests.conftest import scalar
 from tests.support.shop import call, order, product, put_product, race
 

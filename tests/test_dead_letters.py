@@ -11,10 +11,10 @@ import pika
 import pytest
 from sqlalchemy import text
 
+from payfleet.platform import dead_letter_queues as dead_letters
+from payfleet.platform.broker import build_broker
 from tests.conftest import eventually, scalar
 from tests.support.shop import ADMIN, checkout, deliver, intent_event, order, put_product
-from workers import dead_letters
-from workers.broker import build_broker
 
 
 @pytest.fixture

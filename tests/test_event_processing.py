@@ -18,11 +18,11 @@ from sqlalchemy import text
 
 from domain.events import apply_event, record_event, stripe_event_facts
 from domain.stock import release
+from payfleet.platform.broker import build_broker
+from payfleet.platform.publishing import Publisher
 from tests.conftest import eventually, scalar
 from tests.support.shop import checkout, deliver, event_id_of, intent_event, order, put_product
 from tests.support.stripe_signing import stripe_event
-from workers.broker import build_broker
-from workers.publisher import EventPublisher
 
 # --- drivers ------------------------------------------------------------------
 
@@ -455,7 +455,7 @@ def test_one_event_published_twice_is_applied_once(client, sessions, settings, w
 
     broker = build_broker(settings)
     try:
-        assert EventPublisher(broker).send([event_id, event_id]) == [event_id, event_id]
+        assert Publisher(broker).send_events([event_id, event_id]) == [event_id, event_id]
     finally:
         broker.close()
 

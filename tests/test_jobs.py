@@ -20,18 +20,18 @@ import pika
 import pytest
 from sqlalchemy import text
 
-import workers.jobs
+import workers.job_runner
+from domain import job_runs
+from domain.job_runs import StartedRun
 from domain.messaging import MessagingError, WhatsAppApiGateway, WhatsAppGateway
 from domain.models import Cart, Order
-from payfleet.config import load_settings
-from schedules import runs
-from schedules.runs import StartedRun
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import load_settings
+from payfleet.platform.publishing import review_request_message, run_message
 from tests.conftest import eventually, scalar
 from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
 from tests.support.shop import ADMIN, product, put_product
-from workers.broker import build_broker
-from workers.job_messages import review_request_message, run_message
-from workers.jobs import JobContext, declare_job_actors, job_gateways
+from workers.job_runner import JobContext, declare_job_actors, job_gateways
 
 
 def completed_order(sessions: Any, days_ago: float, phone: str | None = "+33611111111") -> uuid.UUID:
@@ -151,8 +151,8 @@ def test_old_reservations_of_unpaid_orders_are_released(client, sessions, settin
 def test_two_runs_of_one_job_never_overlap_and_a_finished_run_is_not_run_again(sessions, settings, engine):
     with sessions() as session:
         first, second = (
-            runs.create_manual(session, "clean-expired-carts"),
-            runs.create_manual(session, "clean-expired-carts"),
+            job_runs.create_manual(session, "clean-expired-carts"),
+            job_runs.create_manual(session, "clean-expired-carts"),
         )
         session.commit()
     with job_runner(sessions, settings) as runner, engine.connect() as holder:
@@ -165,7 +165,7 @@ def test_two_runs_of_one_job_never_overlap_and_a_finished_run_is_not_run_again(s
         assert runner.execute(second) == "succeeded"
         assert runner.execute(second) == "succeeded"  # redelivered: nothing happens
     with sessions() as session:
-        skipped, done = runs.get(session, first), runs.get(session, second)
+        skipped, done = job_runs.get(session, first), job_runs.get(session, second)
     assert skipped and skipped["state"] == "skipped" and "in progress" in skipped["error"]
     assert done and done["attempts"] == 1 and done["duration_seconds"] is not None
 
@@ -253,7 +253,7 @@ def test_a_run_delivered_twice_at_once_runs_exactly_once(sessions, settings):
         for _ in range(15):
             with sessions() as session:
                 session.add(Cart(expires_at=datetime.now(UTC) - timedelta(minutes=1)))
-                run_id = runs.create_manual(session, "clean-expired-carts")
+                run_id = job_runs.create_manual(session, "clean-expired-carts")
                 session.commit()
             start = threading.Barrier(2)
 
@@ -267,7 +267,7 @@ def test_a_run_delivered_twice_at_once_runs_exactly_once(sessions, settings):
             for thread in threads:
                 thread.join()
             with sessions() as session:
-                run = runs.get(session, run_id)
+                run = job_runs.get(session, run_id)
             assert run is not None
             assert (run["state"], run["attempts"], run["counts"]) == (
                 "succeeded",
@@ -294,7 +294,7 @@ def test_a_run_past_its_time_limit_is_recorded_failed_and_not_retried(
         while time.monotonic() < give_up:  # short sleeps: the time limit interrupts between them
             time.sleep(0.02)
 
-    monkeypatch.setitem(workers.jobs.WORK, "clean-expired-carts", endless)
+    monkeypatch.setitem(workers.job_runner.WORK, "clean-expired-carts", endless)
     limited = load_settings({**env, "JOB_TIME_LIMIT_SECONDS": "0.5"})
     broker = build_broker(limited)
     declare_job_actors(broker, sessions, limited, job_gateways(limited))
@@ -303,13 +303,13 @@ def test_a_run_past_its_time_limit_is_recorded_failed_and_not_retried(
     worker.start()
     try:
         with sessions() as session:
-            run_id = runs.create_manual(session, "clean-expired-carts")
+            run_id = job_runs.create_manual(session, "clean-expired-carts")
             session.commit()
         broker.enqueue(run_message("clean_expired_carts", run_id))
 
         def finished() -> dict[str, Any] | None:
             with sessions() as session:
-                run = runs.get(session, run_id)
+                run = job_runs.get(session, run_id)
             return run if run and run["state"] != "running" and run["finished_at"] else None
 
         run = eventually(finished, timeout=20)
@@ -319,7 +319,7 @@ def test_a_run_past_its_time_limit_is_recorded_failed_and_not_retried(
         worker.stop()
         broker.close()
     with sessions() as session:
-        again = runs.get(session, run_id)
+        again = job_runs.get(session, run_id)
     assert run["state"] == "failed" and "TimeLimitExceeded" in run["error"], run
     assert run["counts"] == {"started": 1}
     assert again is not None and again == run and again["attempts"] == 1
@@ -397,7 +397,7 @@ def test_a_read_timeout_is_ambiguous_and_a_refused_connection_retryable():
 
 def scheduled_review_run(runner: Any, sessions: Any, slot: datetime) -> None:
     with sessions() as session:
-        run_id = runs.claim(session, "request-reviews", slot, "queued")
+        run_id = job_runs.claim(session, "request-reviews", slot, "queued")
         session.commit()
     assert run_id is not None and runner.execute(run_id) == "succeeded"
 

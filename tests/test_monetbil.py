@@ -22,7 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingress.app import collaborators, create_app
-from payfleet.config import load_settings
+from payfleet.platform.config import load_settings
 from tests.conftest import ADMIN_TOKEN, MONETBIL_SECRET, eventually, scalar
 from tests.fakes.monetbil_server import CHECK_PATH, WIDGET_PREFIX, FakeMonetbil
 from tests.support.monetbil_signing import sign_monetbil

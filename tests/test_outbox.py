@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import text
 
 from domain.events import EventFacts, record_event
-from payfleet.config import Settings, load_settings
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, load_settings
+from payfleet.platform.publishing import Publisher
 from schedules.relay import OutboxRelay
 from tests.conftest import scalar
 from tests.support.tcp_proxy import TcpProxy
-from workers.broker import build_broker
-from workers.publisher import EventPublisher
 
 
 @pytest.fixture
@@ -54,11 +54,11 @@ def test_an_idle_publisher_whose_connection_died_reconnects_on_the_next_publish(
     sessions, settings, settings_via_proxy, proxy
 ):
     [first, second] = _store_events(sessions, 2)
-    publisher = EventPublisher(build_broker(settings_via_proxy))
-    assert publisher.send([first]) == [first]
+    publisher = Publisher(build_broker(settings_via_proxy))
+    assert publisher.send_events([first]) == [first]
     proxy.cut()  # what missed heartbeats do to an idle publisher's connection
     proxy.restore()
-    assert publisher.send([second]) == [second]
+    assert publisher.send_events([second]) == [second]
     assert _ready_messages(settings) == 2
 
 
@@ -66,10 +66,10 @@ def test_a_broker_outage_loses_nothing_the_relay_publishes_after_it(
     sessions, settings, settings_via_proxy, proxy
 ):
     ids = _store_events(sessions, 5)
-    publisher = EventPublisher(build_broker(settings_via_proxy))
+    publisher = Publisher(build_broker(settings_via_proxy))
     relay = OutboxRelay(sessions, publisher, grace=0, stuck_after=900)
     proxy.cut()
-    assert publisher.send(ids) == []
+    assert publisher.send_events(ids) == []
     assert relay.run_once() == 0
     assert scalar(sessions, "SELECT count(*) FROM provider_events WHERE published_at IS NULL") == 5
 
@@ -91,7 +91,7 @@ def test_the_relay_leaves_fresh_events_to_the_ingress_and_republishes_lost_ones(
             {"id": lost},
         )
         session.commit()
-    relay = OutboxRelay(sessions, EventPublisher(build_broker(settings)), grace=60, stuck_after=900)
+    relay = OutboxRelay(sessions, Publisher(build_broker(settings)), grace=60, stuck_after=900)
     assert relay.run_once() == 1
     assert _ready_messages(settings) == 1
     recent = scalar(
@@ -106,7 +106,7 @@ def test_the_relay_leaves_fresh_events_to_the_ingress_and_republishes_lost_ones(
 def test_two_relays_running_together_publish_each_event_once(sessions, settings):
     _store_events(sessions, 300)
     relays = [
-        OutboxRelay(sessions, EventPublisher(build_broker(settings)), grace=0, stuck_after=900, batch=20)
+        OutboxRelay(sessions, Publisher(build_broker(settings)), grace=0, stuck_after=900, batch=20)
         for _ in range(2)
     ]
     batches: list[tuple[int, int]] = []

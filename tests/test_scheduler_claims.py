@@ -20,15 +20,14 @@ import pika
 import pytest
 from sqlalchemy import text
 
-from payfleet.config import load_settings
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import job_table, load_settings
+from payfleet.platform.publishing import Publisher
 from schedules.claims import SlotClaimer
-from schedules.jobs import job_table
 from tests.conftest import eventually, scalar
-from workers.broker import build_broker
-from workers.job_messages import MessageSender
 
 
-class RecordingSender(MessageSender):
+class RecordingSender(Publisher):
     """Confirms everything and remembers what it was asked to publish."""
 
     def __init__(self, fail: bool = False) -> None:

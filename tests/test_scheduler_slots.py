@@ -9,9 +9,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from payfleet.config import ConfigError, load_settings
-from schedules.jobs import JOBS, job_table
-from schedules.slots import Schedule
+from domain.job_slots import Schedule
+from domain.job_table import JOBS
+from payfleet.platform.config import ConfigError, job_table, load_settings
 
 PARIS = ZoneInfo("Europe/Paris")
 JOB = {job.name: job for job in JOBS}

@@ -24,14 +24,14 @@ from falcon import testing
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingress.app import Collaborators, collaborators, create_app
-from payfleet.config import Settings, load_settings
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, load_settings
+from payfleet.platform.publishing import Publisher
 from schedules.relay import OutboxRelay
 from tests.conftest import WEBHOOK_SECRETS, eventually, scalar
 from tests.support.shop import checkout, deliver, event_id_of, intent_event, order, product, put_product
 from tests.support.stripe_signing import sign_stripe_payload, stripe_event
 from tests.support.tcp_proxy import TcpProxy
-from workers.broker import build_broker
-from workers.publisher import EventPublisher
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET, ROTATED_OUT = WEBHOOK_SECRETS
@@ -469,7 +469,7 @@ def test_postgresql_down_answers_503_then_the_retry_is_accepted(proxied, session
 def relay_through(settings: Settings, sessions: sessionmaker[Session]) -> int:
     broker = build_broker(settings)
     try:
-        return OutboxRelay(sessions, EventPublisher(broker), grace=0, stuck_after=900).run_once()
+        return OutboxRelay(sessions, Publisher(broker), grace=0, stuck_after=900).run_once()
     finally:
         broker.close()
 

@@ -12,13 +12,12 @@ from falcon import testing
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from payfleet.config import Settings
-from schedules import runs
-from schedules.jobs import job_table
+from domain import job_runs
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, job_table
+from payfleet.platform.publishing import Publisher
 from tests.support.shop import checkout
-from workers.broker import build_broker
-from workers.job_messages import MessageSender
-from workers.jobs import JobContext, JobGateways, JobRunner, job_gateways
+from workers.job_runner import JobContext, JobGateways, JobRunner, job_gateways
 
 
 @contextmanager
@@ -35,7 +34,7 @@ def job_runner(
         sessions,
         settings,
         gateways(job_gateways(settings)),
-        MessageSender(broker),
+        Publisher(broker),
         clock or (lambda: datetime.now(UTC)),
     )
     try:
@@ -47,11 +46,11 @@ def job_runner(
 def run_job(runner: JobRunner, sessions: sessionmaker[Session], name: str) -> dict[str, Any]:
     """A manual run of `name`, executed here and now; returns its record."""
     with sessions() as session:
-        run_id = runs.create_manual(session, name)
+        run_id = job_runs.create_manual(session, name)
         session.commit()
     runner.execute(run_id)
     with sessions() as session:
-        run = runs.get(session, run_id)
+        run = job_runs.get(session, run_id)
     assert run is not None
     return run
 

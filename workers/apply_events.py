@@ -12,14 +12,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import events
 from domain.gateways import MonetbilApiGateway, MonetbilCheck
-from payfleet.config import Settings
+from payfleet.platform.config import Settings
+from payfleet.platform.publishing import APPLY_EVENT, PAYMENTS_QUEUE
 from workers import metrics
-from workers.publisher import APPLY_EVENT, PAYMENTS_QUEUE
 
 log = logging.getLogger(__name__)
 
 
-def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Settings) -> None:
+def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settings: Settings) -> None:
     monetbil = MonetbilApiGateway(
         settings.monetbil_service_key, settings.monetbil_api_base, timeout=settings.monetbil_timeout_seconds
     )
@@ -43,9 +43,8 @@ def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Se
     def apply_event(event_id: int) -> None:
         try:
             confirmed = confirm(event_id)
-            with sessions() as session:
+            with sessions.begin() as session:
                 status = events.apply_event(session, event_id, confirmed)
-                session.commit()
             # Counted once the verdict is committed, not once per attempt.
             if confirmed is not None and (confirmed.status != "succeeded" or status == "failed"):
                 log.warning(
@@ -55,16 +54,14 @@ def declare_actors(broker: Broker, sessions: sessionmaker[Session], settings: Se
         except Exception as error:
             # Kept on the event row (its own transaction, the first rolled
             # back) so the operator sees why it is waiting; then retried.
-            with sessions() as session:
+            with sessions.begin() as session:
                 events.record_failed_attempt(session, event_id, error)
-                session.commit()
             raise
         log.info("event %s: %s", event_id, status)
 
     @dramatiq.actor(broker=broker, actor_name="give_up_event", queue_name=PAYMENTS_QUEUE, max_retries=5)
     def give_up_event(message: dict[str, Any], retry_info: dict[str, Any]) -> None:
         event_id = int(message["args"][0])
-        with sessions() as session:
+        with sessions.begin() as session:
             status = events.give_up(session, event_id)
-            session.commit()
         log.warning("event %s gave up after %s retries: %s", event_id, retry_info.get("retries"), status)

@@ -1,5 +1,5 @@
-"""The maintenance job actors (queue `jobs`) and the review request sender
-(queue `notifications`).
+"""The job actors (queue `jobs`): one per job of the table, each running
+its job's batches (the work itself is in the job's domain module).
 
 A job message carries its run id. The actor locks the run's row, takes the
 job's lock (a PostgreSQL advisory lock on a connection of its own, released
@@ -26,23 +26,20 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain import maintenance
+from domain import carts, expire_orders, job_runs, payment_intent_sweep, review_requests, stock
+from domain.expire_orders import PaymentChecker, StripeIntents
 from domain.gateways import MonetbilApiGateway, StripeApiGateway
-from domain.maintenance import PaymentChecker, StripeIntents
-from domain.messaging import MessagingError, WhatsAppApiGateway, WhatsAppGateway
+from domain.job_runs import StartedRun
+from domain.job_table import JobTable
+from domain.messaging import WhatsAppApiGateway, WhatsAppGateway
 from domain.throttle import RateLimiter, ThrottledRequestsClient
-from payfleet.config import Settings
-from schedules import runs
-from schedules.jobs import JobTable, job_table
-from schedules.runs import StartedRun
-from workers import metrics
-from workers.job_messages import (
+from payfleet.platform.config import Settings, job_table
+from payfleet.platform.publishing import (
     JOBS_QUEUE,
-    NOTIFICATIONS_QUEUE,
-    SEND_REVIEW_REQUEST,
-    MessageSender,
+    Publisher,
     review_request_message,
 )
+from workers.review_sender import declare_review_sender, send_stale_after
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +81,7 @@ class JobContext:
     sessions: sessionmaker[Session]
     settings: Settings
     gateways: JobGateways
-    sender: MessageSender
+    sender: Publisher
     clock: Callable[[], datetime]
 
 
@@ -94,11 +91,10 @@ Work = Callable[[JobContext, StartedRun, Counter[str]], None]
 def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
     after: uuid.UUID | None = None
     while True:
-        with c.sessions() as session:
-            batch, after = maintenance.expire_stale_orders(
+        with c.sessions.begin() as session:
+            batch, after = expire_orders.expire_stale_orders(
                 session, c.gateways.stripe, c.gateways.monetbil, c.clock(), run_id=run.id, after=after
             )
-            session.commit()
         counts.update(batch)
         if after is None:
             return
@@ -110,11 +106,10 @@ def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Count
     seen: set[str] = set()
     after: uuid.UUID | None = None
     while True:
-        with c.sessions() as session:
-            batch, ids, after = maintenance.sweep_open_payments(
+        with c.sessions.begin() as session:
+            batch, ids, after = payment_intent_sweep.sweep_open_payments(
                 session, c.gateways.stripe, now, window, run_id=run.id, after=after
             )
-            session.commit()
         counts.update(batch)
         seen.update(ids)
         if after is None:
@@ -124,15 +119,14 @@ def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Count
     since = int((now - timedelta(days=8)).timestamp())
     listed = iter(c.gateways.stripe.list_payment_intents(created_gte=since))
     while batch_of := _take(listed, 50, skip=seen):
-        with c.sessions() as session:
+        with c.sessions.begin() as session:
             for intent in batch_of:
                 counts["listed"] += 1
                 counts.update(
-                    maintenance.sync_listed_intent(
+                    payment_intent_sweep.sync_listed_intent(
                         session, c.gateways.stripe, intent, now, window, run_id=run.id
                     )
                 )
-            session.commit()
 
 
 def _take(items: Any, size: int, *, skip: set[str]) -> list[Any]:
@@ -147,9 +141,8 @@ def _take(items: Any, size: int, *, skip: set[str]) -> list[Any]:
 
 def _clean_expired_carts(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
     while True:
-        with c.sessions() as session:
-            deleted = maintenance.delete_expired_carts(session, c.clock())
-            session.commit()
+        with c.sessions.begin() as session:
+            deleted = carts.delete_expired_carts(session, c.clock())
         counts["carts_deleted"] += deleted
         if deleted == 0:
             return
@@ -160,23 +153,21 @@ def _request_reviews(c: JobContext, run: StartedRun, counts: Counter[str]) -> No
     # catch-up run covers the same orders the on-time run would have.
     reference = run.slot or c.clock()
     while True:
-        with c.sessions() as session:
-            batch, to_send = maintenance.request_reviews(session, reference, run.id)
-            session.commit()
+        with c.sessions.begin() as session:
+            batch, to_send = review_requests.request_reviews(session, reference, run.id)
         counts.update(batch)
         counts["published"] += _publish_requests(c, to_send)
         if not to_send and not batch:
             break
     # Requests recorded by an earlier run whose message never left.
     with c.sessions() as session:
-        stale = maintenance.unsent_review_requests(session, c.clock() - timedelta(minutes=10))
+        stale = review_requests.unsent_review_requests(session, c.clock() - timedelta(minutes=10))
     counts["republished"] += _publish_requests(c, stale)
     # Sends whose worker vanished mid-call: failed, outcome unknown (never resent).
-    with c.sessions() as session:
-        unknown = maintenance.fail_stale_sends(session, c.clock() - send_stale_after(c.settings))
-        session.commit()
+    with c.sessions.begin() as session:
+        unknown = review_requests.fail_stale_sends(session, c.clock() - send_stale_after(c.settings))
     if unknown:
-        counts[maintenance.OUTCOME_UNKNOWN] += unknown
+        counts[review_requests.OUTCOME_UNKNOWN] += unknown
 
 
 def _publish_requests(c: JobContext, request_ids: list[int]) -> int:
@@ -187,9 +178,8 @@ def _release_expired_reservations(c: JobContext, run: StartedRun, counts: Counte
     ttl = timedelta(seconds=c.settings.reservation_ttl_seconds)
     after: uuid.UUID | None = None
     while True:
-        with c.sessions() as session:
-            batch, after = maintenance.release_expired_reservations(session, c.clock(), ttl, after=after)
-            session.commit()
+        with c.sessions.begin() as session:
+            batch, after = stock.release_expired_reservations(session, c.clock(), ttl, after=after)
         counts.update(batch)
         if after is None:
             return
@@ -232,17 +222,17 @@ class JobRunner:
         in one transaction: a duplicate delivery waits on the row lock and
         then finds the run `running` (or finished), never `queued`."""
         with self._c.sessions() as session:
-            found = runs.lock_state(session, run_id)
+            found = job_runs.lock_state(session, run_id)
             if found is None:
                 return "missing"
             job, state = found
-            if state in runs.FINISHED:
+            if state in job_runs.FINISHED:
                 return state
             if not _try_lock(lock, job):
-                skipped = runs.skip_if_queued(session, run_id, f"another run of {job} was in progress")
+                skipped = job_runs.skip_if_queued(session, run_id, f"another run of {job} was in progress")
                 session.commit()
                 return "skipped" if skipped else "in progress elsewhere"
-            run = runs.begin(session, run_id)
+            run = job_runs.begin(session, run_id)
             session.commit()
         assert run is not None
         return run
@@ -268,9 +258,8 @@ class JobRunner:
     def _finish(
         self, run: StartedRun, state: str, counts: Counter[str], error: str | None, started: float
     ) -> None:
-        with self._c.sessions() as session:
-            runs.finish(session, run.id, state, counts, error)
-            session.commit()
+        with self._c.sessions.begin() as session:
+            job_runs.finish(session, run.id, state, counts, error)
         log.info(
             "job %s run %s %s in %.2fs: %s", run.job, run.id, state, time.monotonic() - started, dict(counts)
         )
@@ -290,11 +279,11 @@ def declare_job_actors(
     broker: Broker, sessions: sessionmaker[Session], settings: Settings, gateways: JobGateways
 ) -> JobRunner:
     table = job_table(settings)
-    context = JobContext(sessions, settings, gateways, MessageSender(broker), lambda: datetime.now(UTC))
+    context = JobContext(sessions, settings, gateways, Publisher(broker), lambda: datetime.now(UTC))
     runner = JobRunner(context, table)
     for job in table.jobs:
         _declare_job(broker, job.actor, runner, settings)
-    _declare_notifications(broker, sessions, settings, gateways.whatsapp)
+    declare_review_sender(broker, sessions, settings, gateways.whatsapp)
     return runner
 
 
@@ -315,75 +304,3 @@ def _declare_job(broker: Broker, actor_name: str, runner: JobRunner, settings: S
         time_limit=int(settings.job_time_limit_seconds * 1000),
         throws=(TimeLimitExceeded,),
     )(run_job)
-
-
-def send_stale_after(settings: Settings) -> timedelta:
-    """How old a `sending` claim must be before its sender is taken for
-    dead: longer than a send can last (connect and read timeouts)."""
-    return timedelta(seconds=2 * settings.whatsapp_timeout_seconds + 30)
-
-
-def _count_unknown(unknown: bool) -> None:
-    if unknown:
-        metrics.review_outcomes_unknown().inc()
-
-
-class PermanentSendFailure(Exception):
-    """The messaging API refused for good (a bad number, bad credentials)."""
-
-
-def _declare_notifications(
-    broker: Broker, sessions: sessionmaker[Session], settings: Settings, whatsapp: WhatsAppGateway
-) -> None:
-    stale_after = send_stale_after(settings)
-
-    def send_review_request(request_id: int) -> None:
-        # The claim commits before the API call and the outcome after it: a
-        # crash in between leaves `sending`, which is never sent again.
-        with sessions() as session:
-            claimed = maintenance.claim_review_request(session, request_id, datetime.now(UTC), stale_after)
-            session.commit()
-        if not isinstance(claimed, maintenance.ReviewSend):
-            _count_unknown(claimed == maintenance.OUTCOME_UNKNOWN)
-            log.info("review request %s: %s", request_id, claimed)
-            return
-        try:
-            sid = whatsapp.send(to=claimed.phone, body=claimed.body)
-        except MessagingError as error:
-            with sessions() as session:
-                maintenance.record_send_failure(session, request_id, error)
-                session.commit()
-            _count_unknown(error.ambiguous)
-            if not error.retryable:
-                raise PermanentSendFailure(str(error)) from None
-            raise
-        with sessions() as session:
-            status = maintenance.mark_review_sent(session, request_id, sid)
-            session.commit()
-        log.info("review request %s: %s", request_id, status)
-
-    dramatiq.actor(
-        broker=broker,
-        actor_name=SEND_REVIEW_REQUEST,
-        queue_name=NOTIFICATIONS_QUEUE,
-        max_retries=settings.notification_max_attempts - 1,
-        retry_delays=tuple(int(delay * 1000) for delay in settings.notification_retry_delays_seconds),
-        throws=(PermanentSendFailure,),
-        on_retry_exhausted="give_up_review_request",
-    )(send_review_request)
-
-    def give_up_review_request(message: dict[str, Any], retry_info: dict[str, Any]) -> None:
-        request_id = int(message["args"][0])
-        with sessions() as session:
-            status = maintenance.give_up_review_request(session, request_id)
-            session.commit()
-        log.warning(
-            "review request %s gave up after %s retries: %s", request_id, retry_info.get("retries"), status
-        )
-
-    dramatiq.actor(
-        broker=broker,
-        actor_name="give_up_review_request",
-        queue_name=NOTIFICATIONS_QUEUE,
-        max_retries=5,
-    )(give_up_review_request)

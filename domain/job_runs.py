@@ -16,6 +16,7 @@ from sqlalchemy import Integer, cast, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
+from domain.job_table import JobTable
 from domain.models import ScheduledRun
 
 FINISHED = frozenset({"succeeded", "failed", "skipped"})
@@ -276,3 +277,27 @@ def metrics(session: Session) -> dict[str, Any]:
         "jobExecutionTime": {run.job: (run.duration_ms or 0) / 1000 for run in last},
         "lastExecutionTime": {run.job: _iso(run.finished_at) for run in last},
     }
+
+
+def job_overview(session: Session, table: JobTable, now: datetime) -> list[dict[str, Any]]:
+    """Each job's schedule, next run (local and UTC) and last run."""
+    last = last_runs(session)
+    overview = []
+    for job in table.jobs:
+        upcoming = job.schedule(table.tz).next(now)
+        overview.append(
+            {
+                "name": job.name,
+                "cron": job.cron,
+                "time_zone": str(table.tz),
+                "follows_real_time": job.schedule(table.tz).real_time,
+                "catch_up_seconds": int(job.catch_up.total_seconds()),
+                "summary": job.summary,
+                "next_run": {
+                    "local": upcoming.astimezone(table.tz).isoformat() if upcoming else None,
+                    "utc": upcoming.isoformat() if upcoming else None,
+                },
+                "last_run": last.get(job.name),
+            }
+        )
+    return overview

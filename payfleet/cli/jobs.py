@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from payfleet.config import Settings
-from payfleet.db import make_engine, make_sessions
-from schedules import runs
-from schedules.control import job_overview, start_run
-from schedules.jobs import job_table
-from workers.broker import build_broker
-from workers.job_messages import MessageSender
-
-
-def _print(document: Any) -> None:
-    print(json.dumps(document, indent=2, default=str))
+from domain import job_runs
+from domain.job_runs import job_overview
+from payfleet.cli import print_json
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, job_table
+from payfleet.platform.db import make_engine, make_sessions
+from payfleet.platform.outbox import start_manual_run
+from payfleet.platform.publishing import Publisher
 
 
 def _list(settings: Settings, args: argparse.Namespace) -> int:
     with make_sessions(make_engine(settings.database_url))() as session:
-        _print(job_overview(session, job_table(settings), datetime.now(UTC)))
+        print_json(job_overview(session, job_table(settings), datetime.now(UTC)))
     return 0
 
 
 def _runs(settings: Settings, args: argparse.Namespace) -> int:
     with make_sessions(make_engine(settings.database_url))() as session:
-        _print(runs.list_runs(session, job=args.job, limit=args.limit))
+        print_json(job_runs.list_runs(session, job=args.job, limit=args.limit))
     return 0
 
 
@@ -40,7 +36,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     sessions = make_sessions(make_engine(settings.database_url))
     broker = build_broker(settings)
-    run_id, published = start_run(sessions, MessageSender(broker), table, args.name)
+    run_id, published = start_manual_run(sessions, Publisher(broker), table, args.name)
     broker.close()
     print(f"run {run_id} of {args.name} queued" + ("" if published else " (published by the scheduler)"))
     if not args.wait:
@@ -48,9 +44,9 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         with sessions() as session:
-            run = runs.get(session, run_id)
-        if run and run["state"] in runs.FINISHED:
-            _print(run)
+            run = job_runs.get(session, run_id)
+        if run and run["state"] in job_runs.FINISHED:
+            print_json(run)
             return 0 if run["state"] == "succeeded" else 1
         time.sleep(0.2)
     print(f"payfleet: run {run_id} not finished after {args.timeout}s (is a worker consuming 'jobs'?)")

@@ -18,7 +18,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from payfleet.config import Settings
+from payfleet.platform.config import Settings
 
 
 class RetryDelays(Retries):

@@ -12,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from domain.job_table import JobTable, ScheduleError
+from domain.job_table import job_table as _job_table
+
 N = TypeVar("N", int, float)
 
 
@@ -49,8 +52,10 @@ class Settings:
     outbox_stuck_after_seconds: float = 900.0
     dead_letter_ttl_seconds: int = 30 * 86400
     scheduler_metrics_port: int = 9192
+    worker_metrics_port: int = 9191
     metrics_host: str = "127.0.0.1"
     prometheus_multiproc_dir: str = ""
+    web_concurrency: int = 2
     stripe_max_rps: float = 20.0
     whatsapp_api_base: str = "https://api.twilio.com"
     whatsapp_account_sid: str = ""
@@ -142,7 +147,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         dead_letter_ttl_seconds=_number(env, "DEAD_LETTER_TTL_SECONDS", base.dead_letter_ttl_seconds, int),
         scheduler_metrics_port=_number(env, "SCHEDULER_METRICS_PORT", base.scheduler_metrics_port, int),
         metrics_host=_text(env, "METRICS_HOST", base.metrics_host),
+        worker_metrics_port=_number(env, "WORKER_METRICS_PORT", base.worker_metrics_port, int),
         prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),
+        web_concurrency=max(1, _number(env, "WEB_CONCURRENCY", base.web_concurrency, int)),
         **_job_settings(env, base),
     )
     _check_backoff(settings)
@@ -197,3 +204,11 @@ def _check_backoff(settings: Settings) -> None:
             "event retry delays and time limit must stay under 15 minutes "
             "(half of RabbitMQ's 30-minute consumer timeout)"
         )
+
+
+def job_table(settings: Settings) -> JobTable:
+    """The job table with the configured time zone and schedule overrides."""
+    try:
+        return _job_table(settings.schedule_tz, settings.job_schedules)
+    except ScheduleError as error:
+        raise ConfigError(str(error)) from None

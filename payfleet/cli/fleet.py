@@ -1,21 +1,19 @@
-"""The `payfleet` command: one entry point for every process of the fleet."""
+"""Running the fleet: `payfleet up|ingress|worker|scheduler|migrate`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from payfleet import jobs_cli, ops
-from payfleet.config import ConfigError, Settings, load_settings
-from payfleet.db import migrate
-
-QUEUES = ("payments", "jobs", "notifications")
+from payfleet.platform.config import Settings
+from payfleet.platform.db import migrate
+from payfleet.platform.publishing import QUEUES
 
 
 def _ingress(settings: Settings, args: argparse.Namespace) -> int:
@@ -35,7 +33,13 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         "--threads", str(args.threads),
         "--queues", *QUEUES,
     ]  # fmt: skip
-    os.execv(sys.executable, command)
+    # Dramatiq's Prometheus middleware reads its own variables; they are
+    # translated from the settings here and nowhere else.
+    metrics = {
+        "dramatiq_prom_host": settings.metrics_host,
+        "dramatiq_prom_port": str(settings.worker_metrics_port),
+    }
+    os.execve(sys.executable, command, {**os.environ, **metrics})
 
 
 def _scheduler(settings: Settings, args: argparse.Namespace) -> int:
@@ -88,10 +92,7 @@ def _stop_all(children: Sequence[subprocess.Popen[bytes]]) -> int:
     return max((abs(child.returncode or 0) for child in children), default=0)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="payfleet", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(commands: Any) -> None:
     def worker_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
         command.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
@@ -110,22 +111,3 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="migrate the database to the latest schema").set_defaults(
         run=_migrate
     )
-    ops.add_commands(commands)
-    jobs_cli.add_commands(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
-    try:
-        settings = load_settings()
-    except ConfigError as error:
-        print(f"payfleet: {error}", file=sys.stderr)
-        return 2
-    return int(args.run(settings, args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,12 +7,12 @@ Change a schedule with `JOB_SCHEDULES="name=cron;name=cron"` (5 fields, or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from payfleet.config import ConfigError, Settings
-from schedules.slots import Schedule, is_valid
+from domain.job_slots import Schedule, is_valid
 
 
 @dataclass(frozen=True)
@@ -82,18 +82,22 @@ class JobTable:
         return tuple(job.name for job in self.jobs)
 
 
-def job_table(settings: Settings) -> JobTable:
-    """The jobs with the configured overrides applied; a bad override is a
-    ConfigError at start-up, not a silent non-schedule."""
+class ScheduleError(ValueError):
+    """A schedule override or time zone that cannot be used."""
+
+
+def job_table(time_zone: str, overrides: Iterable[tuple[str, str]] = ()) -> JobTable:
+    """The jobs with the schedule overrides applied; a bad override is an
+    error at start-up, not a silent non-schedule."""
     try:
-        tz = ZoneInfo(settings.schedule_tz)
+        tz = ZoneInfo(time_zone)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"SCHEDULE_TZ is not a known time zone: {settings.schedule_tz!r}") from None
-    overrides = dict(settings.job_schedules)
-    unknown = set(overrides) - {job.name for job in JOBS}
+        raise ScheduleError(f"SCHEDULE_TZ is not a known time zone: {time_zone!r}") from None
+    crons = dict(overrides)
+    unknown = set(crons) - {job.name for job in JOBS}
     if unknown:
-        raise ConfigError(f"JOB_SCHEDULES names unknown jobs: {', '.join(sorted(unknown))}")
-    for name, cron in overrides.items():
+        raise ScheduleError(f"JOB_SCHEDULES names unknown jobs: {', '.join(sorted(unknown))}")
+    for name, cron in crons.items():
         if not is_valid(cron):
-            raise ConfigError(f"JOB_SCHEDULES: {cron!r} is not a cron expression (job {name})")
-    return JobTable(tuple(replace(job, cron=overrides.get(job.name, job.cron)) for job in JOBS), tz)
+            raise ScheduleError(f"JOB_SCHEDULES: {cron!r} is not a cron expression (job {name})")
+    return JobTable(tuple(replace(job, cron=crons.get(job.name, job.cron)) for job in JOBS), tz)

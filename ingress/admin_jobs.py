@@ -8,18 +8,19 @@ from datetime import UTC, datetime
 import falcon
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain import job_runs
+from domain.job_runs import job_overview
+from domain.job_table import JobTable
 from ingress.admin import AdminResource
 from ingress.errors import ApiError
-from payfleet.config import Settings
-from schedules import runs
-from schedules.control import job_overview, start_run
-from schedules.jobs import JobTable, job_table
-from workers.broker import build_broker
-from workers.job_messages import MessageSender
+from payfleet.platform.broker import build_broker
+from payfleet.platform.config import Settings, job_table
+from payfleet.platform.outbox import start_manual_run
+from payfleet.platform.publishing import Publisher
 
 
 class Jobs(AdminResource):
-    def __init__(self, sessions: sessionmaker[Session], table: JobTable, sender: MessageSender) -> None:
+    def __init__(self, sessions: sessionmaker[Session], table: JobTable, sender: Publisher) -> None:
         self._sessions, self._table, self._sender = sessions, table, sender
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -32,16 +33,16 @@ class Jobs(AdminResource):
             raise ApiError(falcon.HTTP_400, "invalid_request", f"no job {job!r}")
         limit = req.get_param_as_int("limit", min_value=1, max_value=500, default=50)
         with self._sessions() as session:
-            resp.media = {"runs": runs.list_runs(session, job=job, limit=limit)}
+            resp.media = {"runs": job_runs.list_runs(session, job=job, limit=limit)}
 
     def on_get_metrics(self, req: falcon.Request, resp: falcon.Response) -> None:
         with self._sessions() as session:
-            resp.media = runs.metrics(session)
+            resp.media = job_runs.metrics(session)
 
     def on_post_run(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         if self._table.get(name) is None:
             raise ApiError(falcon.HTTP_404, "not_found", f"no job {name!r}")
-        run_id, published = start_run(self._sessions, self._sender, self._table, name)
+        run_id, published = start_manual_run(self._sessions, self._sender, self._table, name)
         resp.status = falcon.HTTP_202
         resp.media = {"run_id": run_id, "job": name, "state": "queued", "published": published}
 
@@ -51,7 +52,7 @@ def add_routes(
 ) -> None:
     # Publishing waits at most PUBLISH_TIMEOUT_SECONDS; a run left unpublished
     # is published by the scheduler's next tick.
-    sender = MessageSender(build_broker(settings), deadline=settings.publish_timeout_seconds)
+    sender = Publisher(build_broker(settings), deadline=settings.publish_timeout_seconds)
     jobs = Jobs(sessions, job_table(settings), sender)
     app.add_route("/admin/jobs", jobs)
     app.add_route("/admin/jobs/runs", jobs, suffix="runs")

@@ -1,0 +1,5 @@
+import sys
+
+from payfleet.cli.main import main
+
+sys.exit(main())
