@@ -55,5 +55,15 @@ class PaymentNotConfirmed(Exception):
     event is retried, and never applied on the callback's word alone."""
 
 
+class ConfirmationNeeded(Exception):
+    """A claimed Monetbil success may only apply once check-payment has been
+    asked, which must happen outside the transaction (no row lock waits on
+    the network): the caller rolls back, asks, and applies again."""
+
+    def __init__(self, transaction_id: str) -> None:
+        super().__init__(f"check-payment must confirm transaction {transaction_id}")
+        self.transaction_id = transaction_id
+
+
 class Gone(DomainError):
     code = "gone"

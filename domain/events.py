@@ -18,7 +18,14 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from domain.errors import Conflict, InvalidRequest, NotFound, PaymentNotConfirmed, PaymentNotFound
+from domain.errors import (
+    ConfirmationNeeded,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PaymentNotConfirmed,
+    PaymentNotFound,
+)
 from domain.gateways import MonetbilCheck
 from domain.models import Payment, ProviderEvent
 from domain.orders import apply_payment_status
@@ -155,25 +162,16 @@ def monetbil_event_facts(form: dict[str, str]) -> EventFacts:
     return EventFacts("monetbil", f"{transaction_id}:{status}", status, transaction_id, dict(form))
 
 
-def needs_confirmation(session: Session, event_id: int) -> str | None:
-    """The transaction to confirm with Monetbil's check-payment API before
-    this event may apply: a claimed success is never taken on the callback's
-    word alone (the callback carries no timestamp and can be replayed)."""
-    event = session.get(ProviderEvent, event_id)
-    if event is None or event.status != "received" or event.provider != "monetbil":
-        return None
-    target = target_of(event)
-    return event.provider_payment_id if target and target.status == "succeeded" else None
-
-
 # --- applying -----------------------------------------------------------------
 
 
 def apply_event(session: Session, event_id: int, confirmed: MonetbilCheck | None = None) -> str:
     """Apply a stored event to its payment, once. Returns the event's status
     afterwards; raises PaymentNotFound (retryable) when its payment is unknown.
-    `confirmed` is the provider's own word on a claimed success (see
-    needs_confirmation); where it disagrees, it stands."""
+    `confirmed` is the provider's own word on a claimed Monetbil success:
+    without it such an event raises ConfirmationNeeded (a claimed success is
+    never taken on the callback's word alone: the callback carries no
+    timestamp and can be replayed); where it disagrees, it stands."""
     event = session.get(ProviderEvent, event_id, with_for_update=True)
     if event is None:
         return "missing"
@@ -184,6 +182,8 @@ def apply_event(session: Session, event_id: int, confirmed: MonetbilCheck | None
     if target is None:
         return _settle(event, "ignored")
     if event.provider == "monetbil" and target.status == "succeeded":
+        if confirmed is None:
+            raise ConfirmationNeeded(event.provider_payment_id or "")
         target = _confirmed(event, confirmed)
     payment = FINDERS[event.provider](session, event)
     if payment is None and confirmed is not None and confirmed.status != "succeeded":

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from domain import carts, payments, stock
 from domain.errors import Conflict, InvalidRequest, NotFound, UnknownSku
@@ -108,7 +108,8 @@ def apply_payment_status(
     steps = payments.path_to(payment.status, target)
     if not steps:
         return False
-    order = session.get_one(Order, payment.order_id, with_for_update=True)
+    # Lines load only if a late success must take its stock again.
+    order = session.get_one(Order, payment.order_id, with_for_update=True, options=[lazyload(Order.lines)])
     for status in steps:
         _move_payment(session, order, payment, status, reason, event_id)
         effect = _on_final_failure if status == "failed" and final_failure else _ORDER_EFFECTS.get(status)

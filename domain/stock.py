@@ -4,6 +4,11 @@
 single conditional UPDATE, so two racing transactions can never both take the
 last unit, and a replayed change finds its precondition gone and does nothing.
 Every change of `on_hand` writes a movement in the same transaction.
+
+These run once or more per order and per event, so they are Core statements
+on the session's connection: the ORM's bulk-update bookkeeping (and the
+autoflush before each statement) cost more than the statements themselves.
+A product's low-stock mark is kept by the same UPDATE that moves its units.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Integer, Row, Table, Update, bindparam, case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from domain.errors import InsufficientStock, UnknownSku
@@ -34,17 +40,15 @@ def reserve(session: Session, order_id: uuid.UUID, lines: Iterable[Line]) -> Non
     # Sorted, so two orders reserving the same SKUs lock them in one order.
     wanted = sorted(lines)
     for sku, quantity in wanted:
-        taken = session.execute(
-            update(Product)
-            .where(Product.sku == sku, Product.on_hand - Product.reserved >= quantity)
-            .values(reserved=Product.reserved + quantity, updated_at=func.now())
-            .returning(Product.sku)
-        ).first()
-        if taken is None:
+        if _change(session, sku, reserved=quantity, guarded=True) is None:
             raise InsufficientStock(sku, available(session, sku))
-        session.add(StockReservation(order_id=order_id, sku=sku, quantity=quantity, status="active"))
-    session.flush()
-    track_low_stock(session, [sku for sku, _ in wanted])
+    session.connection().execute(
+        insert(_RESERVATIONS),
+        [
+            {"order_id": order_id, "sku": sku, "quantity": quantity, "status": "active"}
+            for sku, quantity in wanted
+        ],
+    )
 
 
 def available(session: Session, sku: str) -> int:
@@ -57,12 +61,12 @@ def available(session: Session, sku: str) -> int:
 def _close_reservations(session: Session, order_id: uuid.UUID, status: str) -> list[Line]:
     """Move the order's active reservations to `status`, once: a second call
     finds none active and returns nothing."""
-    rows = session.execute(
-        update(StockReservation)
-        .where(StockReservation.order_id == order_id, StockReservation.status == "active")
+    rows = session.connection().execute(
+        update(_RESERVATIONS)
+        .where(_RESERVATIONS.c.order_id == order_id, _RESERVATIONS.c.status == "active")
         .values(status=status, closed_at=func.now())
-        .returning(StockReservation.sku, StockReservation.quantity)
-    ).all()
+        .returning(_RESERVATIONS.c.sku, _RESERVATIONS.c.quantity)
+    )
     return sorted((sku, quantity) for sku, quantity in rows)
 
 
@@ -70,12 +74,7 @@ def release(session: Session, order_id: uuid.UUID) -> list[Line]:
     """Give the order's reserved units back to the shelf."""
     released = _close_reservations(session, order_id, "released")
     for sku, quantity in released:
-        session.execute(
-            update(Product)
-            .where(Product.sku == sku)
-            .values(reserved=Product.reserved - quantity, updated_at=func.now())
-        )
-    track_low_stock(session, [sku for sku, _ in released])
+        _change(session, sku, reserved=-quantity)
     return released
 
 
@@ -84,9 +83,8 @@ def sell_reserved(session: Session, order_id: uuid.UUID, reference: str) -> list
     drop, one `sale` movement per line."""
     sold = _close_reservations(session, order_id, "consumed")
     for sku, quantity in sold:
-        before, after = _take(session, sku, quantity, from_reserved=True)
-        _record(session, sku, "sale", after - before, before, reference, "order paid")
-    track_low_stock(session, [sku for sku, _ in sold])
+        after = _on_hand(_change(session, sku, on_hand=-quantity, reserved=-quantity))
+        _record(session, sku, "sale", -quantity, after + quantity, reference, "order paid")
     return sold
 
 
@@ -105,21 +103,67 @@ def sell_unreserved(session: Session, lines: Iterable[Line], reference: str) -> 
     if any(free.get(sku, 0) < quantity for sku, quantity in wanted):
         return False
     for sku, quantity in wanted:
-        before, after = _take(session, sku, quantity, from_reserved=False)
-        _record(session, sku, "sale", after - before, before, reference, "paid after expiry")
-    track_low_stock(session, [sku for sku, _ in wanted])
+        after = _on_hand(_change(session, sku, on_hand=-quantity))
+        _record(session, sku, "sale", -quantity, after + quantity, reference, "paid after expiry")
     return True
 
 
-def _take(session: Session, sku: str, quantity: int, *, from_reserved: bool) -> tuple[int, int]:
-    values = {"on_hand": Product.on_hand - quantity, "updated_at": func.now()}
-    if from_reserved:
-        values["reserved"] = Product.reserved - quantity
-    row = session.execute(
-        update(Product).where(Product.sku == sku).values(values).returning(Product.on_hand)
-    ).one()
-    after = int(row[0])
-    return after + quantity, after
+_PRODUCTS = cast(Table, Product.__table__)
+_RESERVATIONS = cast(Table, StockReservation.__table__)
+_MOVEMENTS = cast(Table, StockMovement.__table__)
+_AVAILABLE = _PRODUCTS.c.on_hand - _PRODUCTS.c.reserved
+
+
+def _units_update() -> Update:
+    """One UPDATE of a product's units and of its low-stock mark, built once
+    (its parameters are bound per call). SET expressions read the row as it
+    was, so the mark compares the new available units with the threshold:
+    set on the way down (an earlier mark is kept), cleared on the way up. A
+    mark that reads as this transaction's `now()` was set by it: a crossing
+    is logged once, however many sales follow and whatever races."""
+    on_hand, reserved = bindparam("on_hand_delta", type_=Integer), bindparam("reserved_delta", type_=Integer)
+    low = (_PRODUCTS.c.on_hand + on_hand) - (
+        _PRODUCTS.c.reserved + reserved
+    ) <= _PRODUCTS.c.low_stock_threshold
+    return (
+        update(_PRODUCTS)
+        .where(_PRODUCTS.c.sku == bindparam("product_sku"))
+        .values(
+            on_hand=_PRODUCTS.c.on_hand + on_hand,
+            reserved=_PRODUCTS.c.reserved + reserved,
+            low_stock_since=case((low, func.coalesce(_PRODUCTS.c.low_stock_since, func.now())), else_=None),
+            updated_at=func.now(),
+        )
+        .returning(
+            _PRODUCTS.c.on_hand,
+            _AVAILABLE,
+            _PRODUCTS.c.low_stock_threshold,
+            _PRODUCTS.c.low_stock_since == func.now(),
+        )
+    )
+
+
+_CHANGE_UNITS = _units_update()
+# Reserving takes units only while enough are available: the guard and the
+# change are one statement, so two racing checkouts cannot both take the last.
+_RESERVE_UNITS = _CHANGE_UNITS.where(bindparam("reserved_delta", type_=Integer) <= _AVAILABLE)
+
+
+def _change(
+    session: Session, sku: str, *, on_hand: int = 0, reserved: int = 0, guarded: bool = False
+) -> Row[Any] | None:
+    """Move a product's units; None when `guarded` and too few are available."""
+    statement = _RESERVE_UNITS if guarded else _CHANGE_UNITS
+    params = {"product_sku": sku, "on_hand_delta": on_hand, "reserved_delta": reserved}
+    row = session.connection().execute(statement, params).first()
+    if row is not None and row[3]:
+        log.warning("low stock: %s has %s available (threshold %s)", sku, row[1], row[2])
+    return row
+
+
+def _on_hand(row: Row[Any] | None) -> int:
+    assert row is not None, "the product row exists: its reservation or order line names it"
+    return int(row[0])
 
 
 def set_on_hand(session: Session, sku: str, on_hand: int, reason: str) -> None:
@@ -138,15 +182,8 @@ def set_on_hand(session: Session, sku: str, on_hand: int, reason: str) -> None:
 
 def put_back(session: Session, sku: str, quantity: int, reference: str, reason: str) -> None:
     """Goods come back (a return): on_hand rises, with a `return` movement."""
-    row = session.execute(
-        update(Product)
-        .where(Product.sku == sku)
-        .values(on_hand=Product.on_hand + quantity, updated_at=func.now())
-        .returning(Product.on_hand)
-    ).one()
-    after = int(row[0])
+    after = _on_hand(_change(session, sku, on_hand=quantity))
     _record(session, sku, "return", quantity, after - quantity, reference, reason)
-    track_low_stock(session, [sku])
 
 
 def track_low_stock(session: Session, skus: Iterable[str]) -> None:
@@ -181,8 +218,8 @@ def track_low_stock(session: Session, skus: Iterable[str]) -> None:
 def _record(
     session: Session, sku: str, kind: str, quantity: int, before: int, reference: str | None, reason: str
 ) -> None:
-    session.add(
-        StockMovement(
+    session.connection().execute(
+        insert(_MOVEMENTS).values(
             sku=sku,
             type=kind,
             quantity=quantity,

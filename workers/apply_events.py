@@ -11,6 +11,7 @@ from dramatiq import Broker
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import events
+from domain.errors import ConfirmationNeeded
 from domain.gateways import MonetbilApiGateway, MonetbilCheck
 from payfleet.platform.config import Settings
 from payfleet.platform.publishing import APPLY_EVENT, PAYMENTS_QUEUE
@@ -24,12 +25,18 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
         settings.monetbil_service_key, settings.monetbil_api_base, timeout=settings.monetbil_timeout_seconds
     )
 
-    def confirm(event_id: int) -> MonetbilCheck | None:
-        """Ask Monetbil about a claimed success, outside any transaction so no
-        row lock waits on the network; an outage raises and is retried."""
-        with sessions() as session:
-            transaction = events.needs_confirmation(session, event_id)
-        return monetbil.check_transaction(transaction) if transaction else None
+    def apply(event_id: int) -> tuple[str, MonetbilCheck | None]:
+        """One transaction for most events. A claimed Monetbil success first
+        rolls back, asks check-payment outside any transaction (no row lock
+        waits on the network; an outage raises and is retried), then applies
+        with the answer."""
+        try:
+            with sessions.begin() as session:
+                return events.apply_event(session, event_id), None
+        except ConfirmationNeeded as needed:
+            confirmed = monetbil.check_transaction(needed.transaction_id)
+        with sessions.begin() as session:
+            return events.apply_event(session, event_id, confirmed), confirmed
 
     @dramatiq.actor(
         broker=broker,
@@ -42,9 +49,7 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
     )
     def apply_event(event_id: int) -> None:
         try:
-            confirmed = confirm(event_id)
-            with sessions.begin() as session:
-                status = events.apply_event(session, event_id, confirmed)
+            status, confirmed = apply(event_id)
             # Counted once the verdict is committed, not once per attempt.
             if confirmed is not None and (confirmed.status != "succeeded" or status == "failed"):
                 log.warning(
