@@ -52,7 +52,11 @@ def add_routes(
 ) -> None:
     # Publishing waits at most PUBLISH_TIMEOUT_SECONDS; a run left unpublished
     # is published by the scheduler's next tick.
-    sender = Publisher(build_broker(settings), deadline=settings.publish_timeout_seconds)
+    sender = Publisher(
+        build_broker(settings),
+        deadline=settings.publish_timeout_seconds,
+        pause=settings.publish_pause_seconds,
+    )
     jobs = Jobs(sessions, job_table(settings), sender)
     app.add_route("/admin/jobs", jobs)
     app.add_route("/admin/jobs/runs", jobs, suffix="runs")

@@ -83,7 +83,9 @@ def collaborators(settings: Settings) -> Collaborators:
         settings=settings,
         engine=engine,
         sessions=make_sessions(engine),
-        publisher=Publisher(broker, deadline=settings.publish_timeout_seconds),
+        publisher=Publisher(
+            broker, deadline=settings.publish_timeout_seconds, pause=settings.publish_pause_seconds
+        ),
         stripe=StripeApiGateway(
             settings.stripe_api_key, settings.stripe_api_base, timeout=settings.stripe_timeout_seconds
         ),

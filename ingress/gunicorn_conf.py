@@ -22,7 +22,13 @@ _metrics_dir = _settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="pa
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 workers = _settings.web_concurrency
-worker_class = "sync"
+# Threads, so that a checkout waiting on a slow provider, or a slow client,
+# holds one thread and not a whole worker: webhooks keep being answered.
+# Idle keep-alive connections wait in each worker's poller; a new connection
+# holds a thread for up to 5 s before its first byte (then it is parked in
+# the poller too), hence many threads: idle ones cost no CPU.
+worker_class = "gthread"
+threads = _settings.web_threads
 # Webhooks and checkouts answer in well under this; a hung worker is recycled.
 timeout = 30
 graceful_timeout = 20

@@ -555,6 +555,39 @@ def test_a_hung_broker_does_not_hang_the_webhook(proxied, sessions, settings, wa
         one_thread.shutdown(wait=False, cancel_futures=True)
 
 
+@pytest.mark.parametrize("fault", ["blackhole", "cut"])
+def test_while_rabbitmq_is_away_every_webhook_is_answered_within_a_second(proxied, sessions, settings, fault):
+    """Sixteen senders at once against a broker that hangs or refuses: the
+    first publish gives up after PUBLISH_TIMEOUT_SECONDS and pauses
+    publishing, so no webhook waits behind it; every one is stored, answered
+    200, and published by the relay once RabbitMQ is back."""
+    proxy, through_proxy, away = proxied("BROKER_URL", 5672, QUICK_AMQP)
+    assert deliver(away, an_event()).status_code == 200  # a live connection first
+    bodies = [an_event() for _ in range(64)]
+    getattr(proxy, fault)()
+
+    def timed(body: bytes) -> tuple[int, float]:
+        started = time.monotonic()
+        answer = deliver(away, body)
+        return answer.status_code, time.monotonic() - started
+
+    try:
+        with ThreadPoolExecutor(16) as senders:
+            answers = list(senders.map(timed, bodies))
+    finally:
+        proxy.restore()
+
+    assert [status for status, _ in answers] == [200] * len(bodies)
+    took = sorted(took for _, took in answers)
+    assert took[-1] < 1.0, took[-5:]
+    # Once a publish failed, the others do not each wait out the deadline.
+    assert took[len(took) // 2] < 0.25, took
+    keys = [event_id_of(body) for body in bodies]
+    assert sum(event_rows(sessions, key) for key in keys) == len(bodies)
+    assert relay_through(through_proxy.settings, sessions) == len(bodies)
+    assert all(event_column(sessions, key, "published_at") is not None for key in keys)
+
+
 # --- 7. event types payfleet does not act on ---------------------------------------------
 
 

@@ -46,7 +46,8 @@ class Settings:
     event_max_attempts: int = 3
     event_retry_delays_seconds: tuple[float, ...] = (10.0, 30.0)
     event_time_limit_seconds: float = 60.0
-    publish_timeout_seconds: float = 3.0
+    publish_timeout_seconds: float = 0.5
+    publish_pause_seconds: float = 5.0
     outbox_relay_interval_seconds: float = 2.0
     outbox_relay_grace_seconds: float = 5.0
     outbox_stuck_after_seconds: float = 900.0
@@ -56,6 +57,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     prometheus_multiproc_dir: str = ""
     web_concurrency: int = 2
+    web_threads: int = 64
     stripe_max_rps: float = 20.0
     whatsapp_api_base: str = "https://api.twilio.com"
     whatsapp_account_sid: str = ""
@@ -135,6 +137,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env, "EVENT_TIME_LIMIT_SECONDS", base.event_time_limit_seconds, float
         ),
         publish_timeout_seconds=_number(env, "PUBLISH_TIMEOUT_SECONDS", base.publish_timeout_seconds, float),
+        publish_pause_seconds=_number(env, "PUBLISH_PAUSE_SECONDS", base.publish_pause_seconds, float),
         outbox_relay_interval_seconds=_number(
             env, "OUTBOX_RELAY_INTERVAL_SECONDS", base.outbox_relay_interval_seconds, float
         ),
@@ -150,6 +153,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_metrics_port=_number(env, "WORKER_METRICS_PORT", base.worker_metrics_port, int),
         prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),
         web_concurrency=max(1, _number(env, "WEB_CONCURRENCY", base.web_concurrency, int)),
+        web_threads=max(1, _number(env, "WEB_THREADS", base.web_threads, int)),
         **_job_settings(env, base),
     )
     _check_backoff(settings)

@@ -9,6 +9,7 @@ or the scheduler) if it never is."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,28 +46,50 @@ def review_request_message(request_id: int) -> Message[Any]:
 class Publisher:
     """Publishes messages with confirms and returns the keys RabbitMQ
     confirmed; the first failure stops the batch (its rows stay unpublished
-    and are published again later). With a `deadline`, a caller waits at most
-    that long: publishing runs on one thread of its own (pika connections are
-    per thread), so a publish stuck on a hung network can be abandoned and an
-    HTTP request still answers once its row is stored."""
+    and are published again later).
 
-    def __init__(self, broker: Broker, *, deadline: float | None = None) -> None:
+    With a `deadline` (an HTTP request must not hang on a dead broker), a
+    caller waits at most that long: publishing runs on one thread of its own
+    (pika connections are per thread), so a publish stuck on a hung network
+    can be abandoned and the request still answers once its row is stored.
+    After a failure or a deadline, publishing pauses for `pause` seconds:
+    callers return at once (their rows are left to the relay) instead of
+    each waiting out the deadline behind a broker that is away, and the
+    first call after the pause tries again."""
+
+    def __init__(self, broker: Broker, *, deadline: float | None = None, pause: float = 0.0) -> None:
         self._broker = broker
         self._deadline = deadline
+        self._pause = pause
+        self._paused_until = 0.0
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="publisher") if deadline else None
 
+    @property
+    def paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
     def send(self, messages: Sequence[tuple[int, Message[Any]]]) -> list[int]:
-        if self._thread is None:
+        if self.paused:
+            return []
+        if self._thread is None or self._deadline is None:
             return self._send(messages)
         future = self._thread.submit(self._send, list(messages))
-        try:
-            return future.result(timeout=self._deadline)
-        except TimeoutError:
-            # If it still goes through later the message is sent twice, which
-            # every consumer treats as a duplicate.
-            future.cancel()
+        give_up_at = time.monotonic() + self._deadline
+        # Polled, not one long wait: a caller queued behind a publish that
+        # failed or hung returns as soon as that one pauses publishing.
+        while True:
+            try:
+                return future.result(timeout=min(_POLL_SECONDS, max(0.0, give_up_at - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() >= give_up_at or self.paused:
+                    break
+        # If it still goes through later the message is sent twice, which
+        # every consumer treats as a duplicate.
+        future.cancel()
+        if not self.paused:
             log.warning("publishing %d message(s) timed out; left for a later publish", len(messages))
-            return []
+        self._pause_publishing()
+        return []
 
     def send_events(self, event_ids: Sequence[int]) -> list[int]:
         return self.send([(event_id, apply_event_message(event_id)) for event_id in event_ids])
@@ -81,6 +104,15 @@ class Publisher:
             # stops a publish, the row is stored and is published later.
             except Exception as error:
                 log.warning("publishing %s %s failed: %s", message.actor_name, key, error)
+                self._pause_publishing()
                 break
             sent.append(key)
         return sent
+
+    def _pause_publishing(self) -> None:
+        if self._pause > 0 and not self.paused:
+            self._paused_until = time.monotonic() + self._pause
+            log.warning("publishing paused for %.1f s; stored rows are left to the relay", self._pause)
+
+
+_POLL_SECONDS = 0.05
