@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint install services db
+.PHONY: up test lint install services db bench bench-smoke bench-tools
 
 up: install services db
 	@test -n "$$ADMIN_TOKEN" || test -f .admin-token || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > .admin-token
@@ -39,3 +40,18 @@ services:
 db: install services
 	scripts/create-database.sh
 	$(BIN)/payfleet migrate
+
+# The benchmark suite (bench/README.md). BENCH_ARGS passes options through,
+# e.g. make bench BENCH_ARGS="--scenario ingest --json bench.json".
+bench: install services bench-tools
+	$(BIN)/python -m bench.run --scale full $(BENCH_ARGS)
+
+# Every scenario, tiny: fails if one breaks, claims nothing about speed.
+bench-smoke: install services bench-tools
+	$(BIN)/python -m bench.run --scale smoke $(BENCH_ARGS)
+
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get install -y -q wrk || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }; }
+	@command -v wrk >/dev/null 2>&1 || { echo "wrk is needed: install it (apt-get install wrk)"; exit 1; }
+	@command -v rabbitmq-plugins >/dev/null 2>&1 && rabbitmq-plugins -q enable rabbitmq_management >/dev/null 2>&1 || true

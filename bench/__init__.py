@@ -1,0 +1,1 @@
+"""payfleet's benchmark suite: `python -m bench.run --help` (or `make bench`)."""

@@ -1,0 +1,52 @@
+"""The knobs of a bench run: two scales (smoke: seconds, every path once;
+full: the figures) and per-knob overrides from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Params:
+    processes: int = 2
+    threads: int = 8
+    ingest_seconds: float = 12.0
+    ingest_connections: tuple[int, ...] = (2, 16)
+    apply_events: int = 2000
+    apply_skus: int = 50
+    expire_orders: int = 2000
+    # Rate-limited or slow variants take N * 2 calls / rate seconds; they get fewer orders.
+    expire_slow_orders: int = 500
+    expire_variants: tuple[tuple[int, int], ...] = ((0, 100_000), (0, 100), (0, 25), (50, 100), (50, 25))
+    backlog_events: int = 100_000
+    relay_interval: float | None = None  # None: payfleet's default
+    outage_before: float = 5.0
+    outage_cut: float = 20.0
+    outage_after: float = 10.0
+    soak_seconds: float = 600.0
+    soak_rate: float = 20.0  # checkouts (each followed by its webhook) per second
+    soak_warm_up: float = 5.0  # seconds of load before the start RSS is taken
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def for_scale(scale: str) -> Params:
+    if scale == "full":
+        return Params()
+    if scale == "smoke":
+        return Params(
+            ingest_seconds=1.0,
+            apply_events=80,
+            apply_skus=10,
+            expire_orders=60,
+            expire_slow_orders=20,
+            expire_variants=((0, 100_000), (50, 100)),
+            backlog_events=300,
+            relay_interval=0.5,
+            outage_before=1.0,
+            outage_cut=4.0,
+            outage_after=1.0,
+            soak_seconds=20.0,
+            soak_rate=10.0,
+            soak_warm_up=1.0,
+        )
+    raise ValueError(f"unknown scale {scale!r}")

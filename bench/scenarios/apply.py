@@ -1,0 +1,87 @@
+"""Scenario 2, apply: N stored `payment_intent.succeeded` events for N
+pending Stripe orders (over many SKUs, then all on one hot SKU), one
+`apply_event` message each already queued; time from `payfleet worker`
+starting to every order paid. Reference: Dramatiq workers with a no-op
+actor (same processes and threads) draining N messages."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+from bench import rabbit, seed
+from bench.fleet import BENCH_ROOT, World, world
+from bench.procs import wait_until
+from bench.report import Outcome
+from bench.scenarios import Context
+from bench.scenarios.common import check_sales, count, scalar
+
+
+def run(ctx: Context, outcome: Outcome) -> None:
+    p = ctx.params
+    variants = {f"{p.apply_skus} SKUs": [f"SKU-{i:03d}" for i in range(p.apply_skus)], "1 hot SKU": ["HOT"]}
+    for label, skus in variants.items():
+        tag = "many" if len(skus) > 1 else "hot"
+        with world(ctx.template, f"apply_{tag}") as w:
+            mine = _apply(w, ctx, skus, outcome, label)
+            ref = _noop(w, ctx)
+        outcome.figures[label] = {**mine, "noop_msg_s": ref}
+        outcome.ratios[f"events/s ÷ no-op msg/s, {label}"] = round(mine["events_s"] / ref, 3)
+
+
+def _apply(w: World, ctx: Context, skus: list[str], outcome: Outcome, label: str) -> dict[str, Any]:
+    n, initial = ctx.params.apply_events, ctx.params.apply_events * 2
+    with w.connect() as conn:
+        seed.products(conn, skus, initial)
+        orders = seed.plan_orders(n, skus)
+        seed.pending_orders(conn, orders, expires_in=timedelta(hours=1))
+        ids = seed.succeeded_events(conn, orders, published=True)
+        rabbit.publish(w.broker_url, "payments", "apply_event", ([i] for i in ids))
+        started = time.monotonic()
+        w.worker(ctx.params.processes, ctx.params.threads)
+        paid_sql = "SELECT count(*) FROM orders WHERE status = 'paid'"
+        wait_until(
+            lambda: count(conn, paid_sql) >= n, timeout=120 + n / 5, interval=0.1, what=f"{n} orders paid"
+        )
+        seconds = time.monotonic() - started
+        spread = scalar(
+            conn, "SELECT extract(epoch FROM max(processed_at) - min(processed_at)) FROM provider_events"
+        )
+        sold = Counter(sku for o in orders for sku, _ in o.lines)
+        check_sales(conn, outcome, label, n, n, dict(sold), initial)
+        processed = scalar(conn, "SELECT count(*) FROM provider_events WHERE status = 'processed'")
+        outcome.check(f"{label}: every event processed", processed == n, f"{processed}/{n}")
+        retried = scalar(conn, "SELECT count(*) FROM provider_events WHERE attempts > 1")
+    return {
+        "events": n,
+        "seconds": round(seconds, 2),
+        "events_s": round(n / seconds, 1),
+        "events_s_first_to_last": round(n / float(spread), 1) if spread else None,
+        "events_retried": retried,
+    }
+
+
+def _noop(w: World, ctx: Context) -> float:
+    n = ctx.params.apply_events
+    rabbit.publish(w.broker_url, rabbit.NOOP_QUEUE, rabbit.NOOP_ACTOR, ([i] for i in range(n)))
+    argv = [
+        sys.executable, "-m", "dramatiq", "bench.noop_worker",
+        "--processes", str(ctx.params.processes), "--threads", str(ctx.params.threads),
+        "--queues", rabbit.NOOP_QUEUE,
+    ]  # fmt: skip
+    started = time.monotonic()
+    env = w.env(BENCH_BROKER_URL=w.broker_url, PYTHONPATH=str(BENCH_ROOT))
+    proc = w.procs.spawn("noop-worker", argv, env, cwd=BENCH_ROOT)
+    # Ready messages reach 0 with at most a prefetch of no-ops left (microseconds each).
+    wait_until(
+        lambda: rabbit.depth(w.broker_url, rabbit.NOOP_QUEUE) == 0,
+        timeout=120 + n / 50,
+        interval=0.05,
+        what="no-op queue drained",
+    )
+    seconds = time.monotonic() - started
+    w.procs.stop(proc)
+    return round(n / seconds, 1)
