@@ -1,13 +1,12 @@
 """expire-stale-orders: unpaid orders past their payment window, asking
 the provider first.
 
-Each function takes a session and the gateways it needs and never commits:
-the job's adapter opens one transaction per batch and commits it. Every
-function returns counts (a Counter) that the run record keeps.
-
-Locks follow the payment path's order (payment, then order), and the batch
-query skips rows someone else holds (`SKIP LOCKED`): a webhook applying a
-payment right now wins, and the job meets that order again next run.
+A batch is read without locks, the provider is asked about each order with
+no transaction open (the calls of a batch run side by side), and only then
+is each order locked and re-checked in a short transaction of its own: a
+slow provider never holds a row lock, and an order a webhook paid meanwhile
+is left as it is. Functions here take a session and never commit; every
+one returns counts (a Counter) that the run record keeps.
 """
 
 from __future__ import annotations
@@ -15,12 +14,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from domain import payments, stock
 from domain.errors import ProviderError
@@ -36,6 +36,7 @@ CANCELLABLE = frozenset(
     {"requires_payment_method", "requires_confirmation", "requires_action", "requires_capture"}
 )
 UNEXPECTED_STATE = "payment_intent_unexpected_state"
+JOB = "expire-stale-orders"
 
 
 class StripeIntents(Protocol):
@@ -60,6 +61,133 @@ def cancel_key(intent_id: str, run_id: int) -> str:
     return f"payfleet-abandon-{intent_id}-{run_id}"
 
 
+@dataclass(frozen=True)
+class StaleOrder:
+    """An unpaid order past its window, as read before the provider is asked."""
+
+    order_id: uuid.UUID
+    provider: str
+    provider_payment_id: str | None
+    amount: int
+    currency: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the provider says should become of a stale order's payment:
+    `succeeded` (the order is paid), `processing` (left for the payment path),
+    or a final `canceled`/`failed` (the order expires)."""
+
+    status: str
+    reason: str
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def stale_orders(session: Session, now: datetime, *, after: uuid.UUID | None, limit: int) -> list[StaleOrder]:
+    """Up to `limit` unpaid orders past their window, by id after `after`;
+    nothing is locked."""
+    query = (
+        select(Order.id, Payment.provider, Payment.provider_payment_id, Payment.amount, Payment.currency)
+        .join(Payment, Payment.order_id == Order.id)
+        .where(Order.status == "pending_payment", Order.expires_at < now)
+        .order_by(Order.id)
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(Order.id > after)
+    return [StaleOrder(*row) for row in session.execute(query)]
+
+
+def ask_provider(
+    stripe: StripeIntents, monetbil: PaymentChecker | None, order: StaleOrder, run_id: int
+) -> Verdict:
+    """The provider's word on a stale order; network only, no session. A
+    cancellable PaymentIntent is cancelled here (cancelling is what makes the
+    order safe to expire: a cancelled intent can never succeed)."""
+    if order.provider == "stripe":
+        if not order.provider_payment_id:
+            return Verdict("canceled", "no PaymentIntent was ever created")
+        return follow_intent(stripe, stripe.retrieve_payment_intent(order.provider_payment_id), run_id)
+    return _ask_monetbil(monetbil, order)
+
+
+def follow_intent(
+    stripe: StripeIntents, intent: PaymentIntent, run_id: int, *, retried: bool = False
+) -> Verdict:
+    """Paid if it succeeded, left alone while processing, otherwise cancelled
+    at Stripe (and then the order may expire)."""
+    if intent.status == "succeeded":
+        return Verdict("succeeded", "Stripe says succeeded")
+    if intent.status == "processing":
+        return Verdict("processing", "Stripe says processing")
+    canceled = 0
+    if intent.status in CANCELLABLE:
+        try:
+            intent = stripe.cancel_payment_intent(
+                intent.id, reason="abandoned", idempotency_key=cancel_key(intent.id, run_id)
+            )
+        except ProviderError as error:
+            # It moved between our read and our cancel (paid at the last
+            # second): read it again and follow what it is now.
+            if error.extra.get("provider_code") != UNEXPECTED_STATE or retried:
+                raise
+            return follow_intent(stripe, stripe.retrieve_payment_intent(intent.id), run_id, retried=True)
+        canceled = 1
+    if intent.status != "canceled":
+        raise ProviderError(f"PaymentIntent {intent.id} is {intent.status}; nothing to do with it")
+    return Verdict("canceled", "PaymentIntent cancelled", Counter({"payment_intents_canceled": canceled}))
+
+
+# Monetbil's check-payment answer, for an order past its window.
+_MONETBIL_FINAL = {"failed": "failed", "canceled": "canceled"}
+
+
+def _ask_monetbil(monetbil: PaymentChecker | None, order: StaleOrder) -> Verdict:
+    if not order.provider_payment_id:
+        # No transaction was ever started: nothing to ask, nothing can arrive.
+        return Verdict("canceled", "no Monetbil transaction")
+    if monetbil is None:
+        raise ProviderError("Monetbil is not configured")
+    check = monetbil.check_transaction(order.provider_payment_id)
+    if check.covers(order.amount, order.currency):
+        return Verdict("succeeded", "Monetbil says succeeded")
+    if check.status == "succeeded":
+        # Paid, but not this payment's amount: it does not pay the order.
+        reason = f"Monetbil reports {check.amount} {check.currency} paid, not {order.amount} {order.currency}"
+        return Verdict("failed", reason, Counter({"underpaid": 1}))
+    if check.status in _MONETBIL_FINAL:
+        return Verdict(_MONETBIL_FINAL[check.status], f"Monetbil says {check.status}")
+    return Verdict("processing", f"Monetbil says {check.status}")
+
+
+def settle(session: Session, order: StaleOrder, verdict: Verdict, now: datetime) -> Counter[str]:
+    """Lock the order's payment, then the order (the payment path's order),
+    re-check that it is still unpaid and past its window, and apply the
+    verdict. What the provider side did (a cancel) is counted either way."""
+    counts = Counter(verdict.counts)
+    payment = session.scalars(
+        select(Payment).where(Payment.order_id == order.order_id).with_for_update()
+    ).one()
+    current = session.get_one(Order, order.order_id, with_for_update=True, options=[lazyload(Order.lines)])
+    if current.status != "pending_payment" or current.expires_at >= now:
+        counts["changed_meanwhile"] += 1
+        return counts
+    return counts + apply_verdict(session, payment, current, verdict, JOB)
+
+
+def apply_verdict(
+    session: Session, payment: Payment, order: Order, verdict: Verdict, job: str
+) -> Counter[str]:
+    """A locked, unpaid order past its window, given the provider's verdict."""
+    if verdict.status == "succeeded":
+        apply_payment_status(session, payment, "succeeded", reason=f"{job}: {verdict.reason}")
+        return Counter({"paid": 1})
+    if verdict.status == "processing":
+        return Counter({"left_processing": 1})
+    units = expire_order(session, payment, order, f"payment window ended: {verdict.reason}", verdict.status)
+    return Counter({"expired": 1, "units_released": units})
+
+
 def expire_order(session: Session, payment: Payment, order: Order, reason: str, payment_status: str) -> int:
     """A locked, unpaid order past its window: its reservations go back to
     the shelf, its payment closes as `payment_status`, the order expires.
@@ -73,139 +201,3 @@ def expire_order(session: Session, payment: Payment, order: Order, reason: str, 
     order.status = "expired"
     order.updated_at = datetime.now(UTC)
     return sum(quantity for _, quantity in released)
-
-
-def _stale_orders(
-    session: Session, now: datetime, after: uuid.UUID | None, limit: int
-) -> Sequence[tuple[Payment, Order]]:
-    query = (
-        select(Payment, Order)
-        .join(Order, Order.id == Payment.order_id)
-        .where(Order.status == "pending_payment", Order.expires_at < now)
-        .order_by(Order.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    if after is not None:
-        query = query.where(Order.id > after)
-    return [(payment, order) for payment, order in session.execute(query).all()]
-
-
-def expire_stale_orders(
-    session: Session,
-    stripe: StripeIntents,
-    monetbil: PaymentChecker | None,
-    now: datetime,
-    *,
-    run_id: int,
-    after: uuid.UUID | None = None,
-    limit: int = 100,
-) -> tuple[Counter[str], uuid.UUID | None]:
-    """One batch of unpaid orders past their payment window, asking the
-    provider first. Returns the counts and the last order id seen (the next
-    batch starts after it; None when this was the last batch)."""
-    counts: Counter[str] = Counter()
-    rows = _stale_orders(session, now, after, limit)
-    for payment, order in rows:
-        counts["examined"] += 1
-        try:
-            counts.update(_settle_stale(session, stripe, monetbil, payment, order, run_id))
-        except ProviderError as error:
-            # Left pending: the next run asks again.
-            log.warning("order %s left pending: %s", order.id, error.detail)
-            counts["provider_errors"] += 1
-    last = rows[-1][1].id if len(rows) == limit else None
-    return counts, last
-
-
-def _settle_stale(
-    session: Session,
-    stripe: StripeIntents,
-    monetbil: PaymentChecker | None,
-    payment: Payment,
-    order: Order,
-    run_id: int,
-) -> Counter[str]:
-    if payment.provider == "stripe":
-        if not payment.provider_payment_id:
-            return _expired(session, payment, order, "no PaymentIntent was ever created", "canceled")
-        intent = stripe.retrieve_payment_intent(payment.provider_payment_id)
-        return follow_intent(
-            session, stripe, payment, order, intent, job="expire-stale-orders", run_id=run_id
-        )
-    return _settle_monetbil(session, monetbil, payment, order)
-
-
-def _expired(session: Session, payment: Payment, order: Order, why: str, payment_status: str) -> Counter[str]:
-    units = expire_order(session, payment, order, f"payment window ended: {why}", payment_status)
-    return Counter({"expired": 1, "units_released": units})
-
-
-def follow_intent(
-    session: Session,
-    stripe: StripeIntents,
-    payment: Payment,
-    order: Order,
-    intent: PaymentIntent,
-    *,
-    job: str,
-    run_id: int,
-    retried: bool = False,
-) -> Counter[str]:
-    """An unpaid order past its window, given what Stripe says of its
-    PaymentIntent: paid if it succeeded (through the webhook's own code path),
-    left alone while processing, otherwise cancelled at Stripe and expired."""
-    if intent.status == "succeeded":
-        apply_payment_status(session, payment, "succeeded", reason=f"{job}: Stripe says succeeded")
-        return Counter({"paid": 1})
-    if intent.status == "processing":
-        return Counter({"left_processing": 1})
-    canceled = 0
-    if intent.status in CANCELLABLE:
-        try:
-            intent = stripe.cancel_payment_intent(
-                intent.id, reason="abandoned", idempotency_key=cancel_key(intent.id, run_id)
-            )
-        except ProviderError as error:
-            # It moved between our read and our cancel (paid at the last
-            # second): read it again and follow what it is now.
-            if error.extra.get("provider_code") != UNEXPECTED_STATE or retried:
-                raise
-            fresh = stripe.retrieve_payment_intent(intent.id)
-            return follow_intent(session, stripe, payment, order, fresh, job=job, run_id=run_id, retried=True)
-        canceled = 1
-    if intent.status != "canceled":
-        raise ProviderError(f"PaymentIntent {intent.id} is {intent.status}; nothing to do with it")
-    counts = _expired(session, payment, order, "PaymentIntent cancelled", "canceled")
-    counts["payment_intents_canceled"] += canceled
-    return counts
-
-
-# Monetbil's check-payment answer, for an order past its window.
-_MONETBIL_FINAL = {"failed": "failed", "canceled": "canceled"}
-
-
-def _settle_monetbil(
-    session: Session, monetbil: PaymentChecker | None, payment: Payment, order: Order
-) -> Counter[str]:
-    if not payment.provider_payment_id:
-        # No transaction was ever started: nothing to ask, nothing can arrive.
-        return _expired(session, payment, order, "no Monetbil transaction", "canceled")
-    if monetbil is None:
-        raise ProviderError("Monetbil is not configured")
-    check = monetbil.check_transaction(payment.provider_payment_id)
-    status = check.status
-    if check.covers(payment.amount, payment.currency):
-        apply_payment_status(
-            session, payment, "succeeded", reason="expire-stale-orders: Monetbil says succeeded"
-        )
-        return Counter({"paid": 1})
-    if status == "succeeded":
-        # Paid, but not this payment's amount: it does not pay the order.
-        reason = (
-            f"Monetbil reports {check.amount} {check.currency} paid, not {payment.amount} {payment.currency}"
-        )
-        return _expired(session, payment, order, reason, "failed") + Counter({"underpaid": 1})
-    if status in _MONETBIL_FINAL:
-        return _expired(session, payment, order, f"Monetbil says {status}", _MONETBIL_FINAL[status])
-    return Counter({"left_processing": 1})

@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 
 from domain import payments
 from domain.errors import ProviderError
-from domain.expire_orders import CANCELLABLE, UNEXPECTED_STATE, StripeIntents, cancel_key, follow_intent
+from domain.expire_orders import (
+    CANCELLABLE,
+    UNEXPECTED_STATE,
+    StripeIntents,
+    apply_verdict,
+    cancel_key,
+    follow_intent,
+)
 from domain.gateways import PaymentIntent
 from domain.models import Order, Payment
 from domain.orders import apply_payment_status
@@ -27,6 +34,7 @@ from domain.orders import apply_payment_status
 log = logging.getLogger(__name__)
 
 OPEN_PAYMENT_STATUSES = ("pending", "processing", "failed")
+SWEEP = "cleanup-stale-payment-intents"
 
 
 def open_stripe_payments(
@@ -105,8 +113,9 @@ def sync_intent(
     if payable:
         return Counter({"still_payable": 1})
     if order.status == "pending_payment":
-        return follow_intent(
-            session, stripe, payment, order, intent, job="cleanup-stale-payment-intents", run_id=run_id
+        verdict = follow_intent(stripe, intent, run_id)
+        return verdict.counts + apply_verdict(
+            session, payment, order, verdict, "cleanup-stale-payment-intents"
         )
     counts: Counter[str] = Counter()
     if intent.status in CANCELLABLE:

@@ -5,9 +5,12 @@ stripe library talking to the fake Stripe server: expiring stale orders
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import replace
 from typing import Any
+
+import psycopg
 
 from tests.conftest import eventually, scalar
 from tests.fakes.stripe_server import CANCELABLE_STATUSES, FakeStripe
@@ -29,7 +32,8 @@ def test_expire_asks_stripe_first_and_expires_only_what_cannot_be_paid(
     make_stale(sessions, *(order for name, (order, _) in orders.items() if name != "fresh"))
     fake_stripe.set_status(orders["paid"][1], "succeeded")  # its webhook never came
     fake_stripe.set_status(orders["processing"][1], "processing")
-    with job_runner(sessions, settings) as runner:
+    # One call at a time, so that the injected failure meets one order only.
+    with job_runner(sessions, replace(settings, provider_concurrency=1)) as runner:
         fake_stripe.fail_next(3, 500)  # the first retrieve fails, library retries included
         run = run_job(runner, sessions, "expire-stale-orders")
         assert run["state"] == "succeeded", run
@@ -210,3 +214,42 @@ def test_a_refused_cancel_is_not_replayed_by_the_next_run(client, sessions, sett
     assert product(client, "KEY")["reserved"] == 0
     keys = {r.header("Idempotency-Key") for r in fake_stripe.requests if r.path.endswith("/cancel")}
     assert len(keys) == 2  # one per run
+
+
+def test_expire_holds_no_row_lock_while_stripe_answers(client, sessions, settings, fake_stripe, database_url):
+    """Stripe answering slowly must not hold the orders' rows: a probe that
+    may wait 200 ms for their locks gets them throughout the run (the run
+    itself takes seconds)."""
+    put_product(client, "SLOW", 10)
+    placed = [stripe_order(client, "SLOW") for _ in range(3)]
+    make_stale(sessions, *(order for order, _ in placed))
+    ids = [order for order, _ in placed]
+    fake_stripe.delay(0.4)
+    refused: list[str] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '200ms'")
+            while not done.is_set():
+                try:
+                    with conn.transaction():
+                        conn.execute("SELECT 1 FROM payments WHERE order_id = ANY(%s) FOR UPDATE", (ids,))
+                        conn.execute("SELECT 1 FROM orders WHERE id = ANY(%s) FOR UPDATE", (ids,))
+                except psycopg.errors.LockNotAvailable as error:
+                    refused.append(str(error))
+                time.sleep(0.05)
+
+    prober = threading.Thread(target=probe)
+    with job_runner(sessions, replace(settings, provider_concurrency=1)) as runner:
+        prober.start()
+        started = time.monotonic()
+        run = run_job(runner, sessions, "expire-stale-orders")
+        took = time.monotonic() - started
+    done.set()
+    prober.join()
+
+    assert run["state"] == "succeeded" and run["counts"]["expired"] == 3, run
+    assert took >= 6 * 0.4  # a retrieve and a cancel per order, one after another
+    assert refused == []
+    assert [order_status(sessions, order) for order in ids] == [("expired", "canceled")] * 3

@@ -16,8 +16,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property, partial
 from typing import Any
 
 import dramatiq
@@ -27,7 +29,8 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import carts, expire_orders, job_runs, payment_intent_sweep, review_requests, stock
-from domain.expire_orders import PaymentChecker, StripeIntents
+from domain.errors import ProviderError
+from domain.expire_orders import PaymentChecker, StaleOrder, StripeIntents, Verdict
 from domain.gateways import MonetbilApiGateway, StripeApiGateway
 from domain.job_runs import StartedRun
 from domain.job_table import JobTable
@@ -84,20 +87,47 @@ class JobContext:
     sender: Publisher
     clock: Callable[[], datetime]
 
+    @cached_property
+    def provider_calls(self) -> ThreadPoolExecutor:
+        """Threads for provider calls a job makes side by side (each paced by
+        the gateway's own rate limit)."""
+        return ThreadPoolExecutor(self.settings.provider_concurrency, thread_name_prefix="provider-call")
+
 
 Work = Callable[[JobContext, StartedRun, Counter[str]], None]
 
 
 def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    """A batch is read, its orders' providers are asked side by side with no
+    transaction open, then each order is settled in a short transaction of
+    its own as its answer arrives."""
     after: uuid.UUID | None = None
     while True:
-        with c.sessions.begin() as session:
-            batch, after = expire_orders.expire_stale_orders(
-                session, c.gateways.stripe, c.gateways.monetbil, c.clock(), run_id=run.id, after=after
-            )
-        counts.update(batch)
-        if after is None:
+        with c.sessions() as session:
+            batch = expire_orders.stale_orders(session, c.clock(), after=after, limit=EXPIRE_BATCH)
+        answers = c.provider_calls.map(partial(_ask_provider, c, run.id), batch)
+        for stale, verdict in zip(batch, answers, strict=True):
+            counts["examined"] += 1
+            if isinstance(verdict, ProviderError):
+                # Left pending: the next run asks again.
+                log.warning("order %s left pending: %s", stale.order_id, verdict.detail)
+                counts["provider_errors"] += 1
+                continue
+            with c.sessions.begin() as session:
+                counts.update(expire_orders.settle(session, stale, verdict, c.clock()))
+        if len(batch) < EXPIRE_BATCH:
             return
+        after = batch[-1].order_id
+
+
+EXPIRE_BATCH = 100
+
+
+def _ask_provider(c: JobContext, run_id: int, stale: StaleOrder) -> Verdict | ProviderError:
+    try:
+        return expire_orders.ask_provider(c.gateways.stripe, c.gateways.monetbil, stale, run_id)
+    except ProviderError as error:
+        return error
 
 
 def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:

@@ -59,6 +59,7 @@ class Settings:
     web_concurrency: int = 2
     web_threads: int = 64
     stripe_max_rps: float = 20.0
+    provider_concurrency: int = 8
     whatsapp_api_base: str = "https://api.twilio.com"
     whatsapp_account_sid: str = ""
     whatsapp_auth_token: str = ""
@@ -174,6 +175,7 @@ def _schedules(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 def _job_settings(env: Mapping[str, str], base: Settings) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "stripe_max_rps": _number(env, "STRIPE_MAX_RPS", base.stripe_max_rps, float),
+        "provider_concurrency": max(1, _number(env, "PROVIDER_CONCURRENCY", base.provider_concurrency, int)),
         "whatsapp_api_base": _text(env, "WHATSAPP_API_BASE", base.whatsapp_api_base).rstrip("/"),
         "whatsapp_account_sid": _text(env, "WHATSAPP_ACCOUNT_SID", ""),
         "whatsapp_auth_token": _text(env, "WHATSAPP_AUTH_TOKEN", ""),
