@@ -125,3 +125,11 @@ def test_two_relays_running_together_publish_each_event_once(sessions, settings)
     assert sum(sent for _, sent in batches) == 300
     assert len({relay for relay, _ in batches}) == 2, "both replicas took a share"
     assert _ready_messages(settings) == 300
+
+
+def test_one_tick_drains_a_backlog_larger_than_a_batch(sessions, settings):
+    _store_events(sessions, 50)
+    relay = OutboxRelay(sessions, Publisher(build_broker(settings)), grace=0, stuck_after=900, batch=20)
+    assert relay.run_once() == 50
+    assert relay.run_once() == 0
+    assert _ready_messages(settings) == 50
