@@ -77,7 +77,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
 
 
 def collaborators(settings: Settings) -> Collaborators:
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=4)
     broker = build_broker(settings)
     return Collaborators(
         settings=settings,

@@ -14,6 +14,6 @@ from workers.job_runner import declare_job_actors, job_gateways
 settings = load_settings()
 broker = build_broker(settings, metrics=True)
 dramatiq.set_broker(broker)
-sessions = make_sessions(make_engine(settings.database_url))
+sessions = make_sessions(make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=4))
 declare_event_actors(broker, sessions, settings)
 declare_job_actors(broker, sessions, settings, job_gateways(settings))

@@ -58,6 +58,7 @@ class Settings:
     prometheus_multiproc_dir: str = ""
     web_concurrency: int = 2
     web_threads: int = 64
+    db_pool_size: int = 12
     stripe_max_rps: float = 20.0
     provider_concurrency: int = 8
     whatsapp_api_base: str = "https://api.twilio.com"
@@ -155,6 +156,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),
         web_concurrency=max(1, _number(env, "WEB_CONCURRENCY", base.web_concurrency, int)),
         web_threads=max(1, _number(env, "WEB_THREADS", base.web_threads, int)),
+        db_pool_size=max(1, _number(env, "DB_POOL_SIZE", base.db_pool_size, int)),
         **_job_settings(env, base),
     )
     _check_backoff(settings)

@@ -20,14 +20,21 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
 SERVER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 
 
-def make_engine(database_url: str, *, pool_size: int = 5) -> Engine:
+def make_engine(database_url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
     # pool_pre_ping: a connection PostgreSQL dropped while idle is replaced
-    # instead of failing the next request.
+    # instead of failing the next request. A process with many threads needs
+    # a pool as large as the threads that use it at once: a connection made
+    # beyond pool_size is closed when returned, and the next one pays a
+    # new PostgreSQL backend (several ms) on the request path.
     connect_args: dict[str, object] = dict(KEEPALIVES)
     if "options" not in make_url(database_url).query:  # options given in DATABASE_URL win
         connect_args["options"] = SERVER_KEEPALIVES
     return create_engine(
-        database_url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True, connect_args=connect_args
+        database_url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        connect_args=connect_args,
     )
 
 

@@ -8,6 +8,8 @@ scheduler publishes it later."""
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,10 +22,52 @@ from payfleet.platform.publishing import Publisher, run_message
 log = logging.getLogger(__name__)
 
 
+class PublishedMarks:
+    """Marks published events in the background, many per UPDATE, so the
+    request that published them does not pay a second transaction. Marks
+    wait in memory for milliseconds; one lost with its process, or with
+    PostgreSQL, only means the relay publishes the event once more, which
+    the worker treats as a duplicate."""
+
+    BATCH = 500
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def add(self, event_id: int) -> None:
+        self._waiting.put(event_id)
+        with self._lock:
+            # Started on first use: in a gunicorn worker, after the fork.
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="published-marks", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            ids = [self._waiting.get()]
+            # Whatever came in while the last UPDATE ran goes into this one.
+            while len(ids) < self.BATCH:
+                try:
+                    ids.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with self._sessions.begin() as session:
+                    mark_published(session, ids)
+            except SQLAlchemyError as error:
+                log.warning(
+                    "events %s published but not marked (the relay will publish them again): %s", ids, error
+                )
+
+
 class EventInbox:
     def __init__(self, sessions: sessionmaker[Session], publisher: Publisher) -> None:
         self._sessions = sessions
         self._publisher = publisher
+        self._marks = PublishedMarks(sessions)
 
     def accept(self, facts: EventFacts) -> bool:
         """Store and publish one event; returns whether it was a duplicate."""
@@ -38,19 +82,16 @@ class EventInbox:
         returns whether RabbitMQ confirmed (if not, the relay will)."""
         with self._sessions.begin() as session:
             reopen(session, event_id)
-        return self._publish(event_id)
-
-    def _publish(self, event_id: int) -> bool:
         if not self._publisher.send_events([event_id]):
             return False
-        # Losing this mark only means the relay publishes the event once more,
-        # which the worker treats as a duplicate: not worth failing the answer.
-        try:
-            with self._sessions.begin() as session:
-                mark_published(session, [event_id])
-        except SQLAlchemyError as error:
-            log.warning("event %s published but not marked: %s", event_id, error)
+        # An operator's replay marks at once: the command may exit next.
+        with self._sessions.begin() as session:
+            mark_published(session, [event_id])
         return True
+
+    def _publish(self, event_id: int) -> None:
+        if self._publisher.send_events([event_id]):
+            self._marks.add(event_id)
 
 
 def start_manual_run(
