@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, TypeAlias, cast
 
 from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -46,6 +46,7 @@ class EventFacts:
 # session's connection (the ORM's bulk insert/update bookkeeping cost more
 # than the statements).
 _EVENTS = cast(Table, ProviderEvent.__table__)
+_PAYMENTS = cast(Table, Payment.__table__)
 _RECORD = (
     insert(_EVENTS).on_conflict_do_nothing(index_elements=["provider", "event_key"]).returning(_EVENTS.c.id)
 )
@@ -145,14 +146,15 @@ MONETBIL_HANDLERS: dict[str, Handler] = {
 HANDLERS = {"stripe": STRIPE_HANDLERS, "monetbil": MONETBIL_HANDLERS}
 
 
-def target_of(event: ProviderEvent) -> Target | None:
+def target_of(event: StoredEvent) -> Target | None:
     handler = HANDLERS[event.provider].get(event.event_type)
     return handler(_subject(event)) if handler else None
 
 
-def _subject(event: ProviderEvent) -> dict[str, Any]:
+def _subject(event: StoredEvent) -> dict[str, Any]:
     """The object an event is about: Stripe's data.object, Monetbil's form."""
-    return event.payload["data"]["object"] if event.provider == "stripe" else event.payload
+    subject = event.payload["data"]["object"] if event.provider == "stripe" else event.payload
+    return cast(dict[str, Any], subject)
 
 
 # --- Monetbil -----------------------------------------------------------------
@@ -171,6 +173,31 @@ def monetbil_event_facts(form: dict[str, str]) -> EventFacts:
 # --- applying -----------------------------------------------------------------
 
 
+_LOCK_EVENT = (
+    select(
+        _EVENTS.c.id,
+        _EVENTS.c.provider,
+        _EVENTS.c.event_type,
+        _EVENTS.c.status,
+        _EVENTS.c.provider_payment_id,
+        _EVENTS.c.payload,
+    )
+    .where(_EVENTS.c.id == bindparam("event_id"))
+    .with_for_update()
+)
+_SETTLE = (
+    update(_EVENTS)
+    .where(_EVENTS.c.id == bindparam("event_id"))
+    .values(
+        status=bindparam("new_status"),
+        processed_at=func.now(),
+        attempts=_EVENTS.c.attempts + 1,
+        payment_id=func.coalesce(bindparam("found", type_=_EVENTS.c.payment_id.type), _EVENTS.c.payment_id),
+        last_error=func.coalesce(bindparam("error", type_=_EVENTS.c.last_error.type), _EVENTS.c.last_error),
+    )
+)
+
+
 def apply_event(session: Session, event_id: int, confirmed: MonetbilCheck | None = None) -> str:
     """Apply a stored event to its payment, once. Returns the event's status
     afterwards; raises PaymentNotFound (retryable) when its payment is unknown.
@@ -178,65 +205,109 @@ def apply_event(session: Session, event_id: int, confirmed: MonetbilCheck | None
     without it such an event raises ConfirmationNeeded (a claimed success is
     never taken on the callback's word alone: the callback carries no
     timestamp and can be replayed); where it disagrees, it stands."""
-    event = session.get(ProviderEvent, event_id, with_for_update=True)
+    event = session.connection().execute(_LOCK_EVENT, {"event_id": event_id}).first()
     if event is None:
         return "missing"
     if event.status != "received":
-        return event.status
-    event.attempts += 1
+        return str(event.status)
     target = target_of(event)
     if target is None:
-        return _settle(event, "ignored")
+        return _settle(session, event_id, "ignored")
+    disagreement = None
     if event.provider == "monetbil" and target.status == "succeeded":
         if confirmed is None:
             raise ConfirmationNeeded(event.provider_payment_id or "")
-        target = _confirmed(event, confirmed)
+        target, disagreement = _confirmed(event, confirmed)
     payment = FINDERS[event.provider](session, event)
     if payment is None and confirmed is not None and confirmed.status != "succeeded":
         # Monetbil itself says this claimed success is none: nothing will
         # ever be paid by it, so there is nothing to wait for.
-        return _settle(event, "unmatched")
+        return _settle(session, event_id, "unmatched", error=disagreement)
     if payment is None:
         raise PaymentNotFound(
-            f"no {event.provider} payment {event.provider_payment_id!r} for event {event.id}"
+            f"no {event.provider} payment {event.provider_payment_id!r} for event {event_id}"
         )
-    event.payment_id = payment.id
     if confirmed and target.status == "succeeded" and not confirmed.covers(payment.amount, payment.currency):
         paid = f"{confirmed.amount} {confirmed.currency}"
-        return _settle(
-            event,
-            "failed",
-            f"Monetbil reports {paid} paid; the payment is {payment.amount} {payment.currency}",
-        )
+        mismatch = f"Monetbil reports {paid} paid; the payment is {payment.amount} {payment.currency}"
+        return _settle(session, event_id, "failed", payment.id, mismatch)
     reason = f"{event.provider} {event.event_type}"
     apply_payment_status(
-        session, payment, target.status, reason=reason, event_id=event.id, final_failure=target.final
+        session, payment, target.status, reason=reason, event_id=event_id, final_failure=target.final
     )
-    return _settle(event, "processed")
+    return _settle(session, event_id, "processed", payment.id, disagreement)
 
 
-def _confirmed(event: ProviderEvent, confirmed: MonetbilCheck | None) -> Target:
+def _confirmed(event: StoredEvent, confirmed: MonetbilCheck | None) -> tuple[Target, str | None]:
+    """The target check-payment allows, and the disagreement to keep on the
+    event when it contradicts the callback."""
     status = confirmed.status if confirmed else None
     if status is None or status in ("pending", "processing"):
         # Not confirmed (yet): retried with backoff, never guessed.
         raise PaymentNotConfirmed(f"check-payment does not confirm transaction {event.provider_payment_id}")
     if status != "succeeded":
-        event.last_error = f"callback said success, check-payment says {status}; check-payment stands"
-    return Target(status, final=status != "succeeded")
+        return Target(
+            status, final=True
+        ), f"callback said success, check-payment says {status}; check-payment stands"
+    return Target(status), None
 
 
-def _settle(event: ProviderEvent, status: str, error: str | None = None) -> str:
-    event.status = status
-    event.processed_at = datetime.now(UTC)
-    if error is not None:
-        event.last_error = error
+def _settle(
+    session: Session,
+    event_id: int,
+    status: str,
+    payment_id: uuid.UUID | None = None,
+    error: str | None = None,
+) -> str:
+    """The event's verdict, in the same transaction as its effects; its
+    attempt is counted (a retried attempt is counted by record_failed_attempt)."""
+    values = {"event_id": event_id, "new_status": status, "found": payment_id, "error": error}
+    session.connection().execute(_SETTLE, values)
     return status
 
 
-def _find_stripe_payment(session: Session, event: ProviderEvent) -> Payment | None:
-    query = select(Payment).where(Payment.provider == event.provider).with_for_update()
+_PAYMENT = select(
+    _PAYMENTS.c.id,
+    _PAYMENTS.c.order_id,
+    _PAYMENTS.c.status,
+    _PAYMENTS.c.amount,
+    _PAYMENTS.c.currency,
+    _PAYMENTS.c.provider_payment_id,
+    _PAYMENTS.c.provider_reference,
+).with_for_update()
+_PAYMENT_BY_PROVIDER_ID = _PAYMENT.where(
+    _PAYMENTS.c.provider == bindparam("provider"), _PAYMENTS.c.provider_payment_id == bindparam("provider_id")
+)
+_PAYMENT_BY_ID = _PAYMENT.where(
+    _PAYMENTS.c.provider == bindparam("provider"), _PAYMENTS.c.id == bindparam("id")
+)
+_MONETBIL_PAYMENT = {
+    "payment_ref": _PAYMENT.where(
+        _PAYMENTS.c.provider == "monetbil", _PAYMENTS.c.order_id == bindparam("key")
+    ),
+    "transaction_id": _PAYMENT.where(
+        _PAYMENTS.c.provider == "monetbil", _PAYMENTS.c.provider_payment_id == bindparam("key")
+    ),
+    "transaction_uuid": _PAYMENT.where(
+        _PAYMENTS.c.provider == "monetbil", _PAYMENTS.c.provider_reference == bindparam("key")
+    ),
+}
+_LEARN_IDS = (
+    update(_PAYMENTS)
+    .where(_PAYMENTS.c.id == bindparam("payment_id"))
+    .values(
+        provider_payment_id=func.coalesce(_PAYMENTS.c.provider_payment_id, bindparam("transaction_id")),
+        provider_reference=func.coalesce(_PAYMENTS.c.provider_reference, bindparam("transaction_uuid")),
+    )
+)
+
+
+def _find_stripe_payment(session: Session, event: StoredEvent) -> PaymentRow | None:
+    connection = session.connection()
     if event.provider_payment_id:
-        found = session.scalars(query.where(Payment.provider_payment_id == event.provider_payment_id)).first()
+        found = connection.execute(
+            _PAYMENT_BY_PROVIDER_ID, {"provider": event.provider, "provider_id": event.provider_payment_id}
+        ).first()
         if found is not None:
             return found
     # The webhook can beat the checkout's last commit (the one that stores the
@@ -246,31 +317,52 @@ def _find_stripe_payment(session: Session, event: ProviderEvent) -> Payment | No
         payment_id = uuid.UUID(str(metadata.get("payment_id")))
     except ValueError:
         return None
-    return session.scalars(query.where(Payment.id == payment_id)).first()
+    return connection.execute(_PAYMENT_BY_ID, {"provider": event.provider, "id": payment_id}).first()
 
 
-def _find_monetbil_payment(session: Session, event: ProviderEvent) -> Payment | None:
+def _find_monetbil_payment(session: Session, event: StoredEvent) -> PaymentRow | None:
     """By payment_ref (our order id), then transaction_id, then
     transaction_uuid; the first match learns the identifiers it lacks."""
     form = event.payload
-    query = select(Payment).where(Payment.provider == "monetbil").with_for_update()
-    candidates = []
+    connection = session.connection()
+    keys: list[tuple[str, Any]] = []
     with contextlib.suppress(ValueError):
-        candidates.append(Payment.order_id == uuid.UUID(form.get("payment_ref", "")))
-    if form.get("transaction_id"):
-        candidates.append(Payment.provider_payment_id == form["transaction_id"])
-    if form.get("transaction_uuid"):
-        candidates.append(Payment.provider_reference == form["transaction_uuid"])
-    for condition in candidates:
-        payment = session.scalars(query.where(condition)).first()
+        keys.append(("payment_ref", uuid.UUID(form.get("payment_ref", ""))))
+    keys += [(field, form[field]) for field in ("transaction_id", "transaction_uuid") if form.get(field)]
+    for field, key in keys:
+        payment = connection.execute(_MONETBIL_PAYMENT[field], {"key": key}).first()
         if payment is not None:
-            payment.provider_payment_id = payment.provider_payment_id or form.get("transaction_id")
-            payment.provider_reference = payment.provider_reference or form.get("transaction_uuid")
+            learned = {
+                "transaction_id": form.get("transaction_id"),
+                "transaction_uuid": form.get("transaction_uuid"),
+            }
+            connection.execute(_LEARN_IDS, {"payment_id": payment.id, **learned})
             return payment
     return None
 
 
-FINDERS: dict[str, Callable[[Session, ProviderEvent], Payment | None]] = {
+# A payments row (id, order_id, status, amount, currency, provider ids),
+# locked, as the finders read it with Core.
+PaymentRow: TypeAlias = Any
+
+
+class StoredEvent(Protocol):
+    """A stored event as the rules read it (a row of provider_events)."""
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def event_type(self) -> str: ...
+
+    @property
+    def provider_payment_id(self) -> str | None: ...
+
+    @property
+    def payload(self) -> Any: ...
+
+
+FINDERS: dict[str, Callable[[Session, StoredEvent], PaymentRow | None]] = {
     "stripe": _find_stripe_payment,
     "monetbil": _find_monetbil_payment,
 }
@@ -291,7 +383,9 @@ def give_up(session: Session, event_id: int) -> str:
     if event is None or event.status != "received":
         return event.status if event else "missing"
     unmatched = (event.last_error or "").startswith(PaymentNotFound.__name__)
-    return _settle(event, "unmatched" if unmatched else "failed")
+    event.status = "unmatched" if unmatched else "failed"
+    event.processed_at = datetime.now(UTC)
+    return event.status
 
 
 def lock_unpublished(session: Session, *, grace: timedelta, stuck_after: timedelta, limit: int) -> list[int]:

@@ -7,11 +7,13 @@ unit of work commits it, so a rule's effects and its marks land together.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, cast
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import carts, payments, stock
 from domain.errors import Conflict, InvalidRequest, NotFound, UnknownSku
@@ -93,9 +95,72 @@ def abandon_checkout(session: Session, order_id: uuid.UUID, reason: str) -> None
     _move_order(session, order, "failed", reason, None)
 
 
+class PaymentState(Protocol):
+    """A locked payment as the payment path needs it: an ORM Payment, or a
+    row the event path read with Core."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+
+    @property
+    def order_id(self) -> uuid.UUID: ...
+
+    @property
+    def status(self) -> str: ...
+
+
+# The payment path runs once per provider event: Core statements built once,
+# on the session's connection, and the writes gathered into three statements
+# at the end (the ORM's loading and flush bookkeeping cost more than the SQL).
+_ORDERS = cast(Table, Order.__table__)
+_PAYMENTS = cast(Table, Payment.__table__)
+_TRANSITIONS = cast(Table, OrderTransition.__table__)
+_LINES = cast(Table, OrderLine.__table__)
+_LOCK_ORDER = select(_ORDERS.c.status).where(_ORDERS.c.id == bindparam("order_id")).with_for_update()
+_SET_PAYMENT = (
+    update(_PAYMENTS)
+    .where(_PAYMENTS.c.id == bindparam("payment_id"))
+    .values(status=bindparam("new_status"), updated_at=func.now())
+)
+_SET_ORDER = (
+    update(_ORDERS)
+    .where(_ORDERS.c.id == bindparam("order_id"))
+    .values(status=bindparam("new_status"), updated_at=func.now())
+)
+_LOG_TRANSITIONS = insert(_TRANSITIONS)
+_ORDER_LINES = select(_LINES.c.sku, _LINES.c.quantity).where(_LINES.c.order_id == bindparam("order_id"))
+
+
+@dataclass
+class _Moves:
+    """The transitions one payment change makes, written together at the end."""
+
+    order_id: uuid.UUID
+    order_status: str
+    event_id: int | None
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+
+    def log(self, subject: str, before: str, after: str, reason: str) -> None:
+        self.transitions.append(
+            {
+                "order_id": self.order_id,
+                "subject": subject,
+                "from_status": before,
+                "to_status": after,
+                "reason": reason,
+                "event_id": self.event_id,
+            }
+        )
+
+    def move_order(self, status: str, reason: str) -> None:
+        if self.order_status != status:
+            self.log("order", self.order_status, status, reason)
+            self.order_status = status
+
+
 def apply_payment_status(
     session: Session,
-    payment: Payment,
+    payment: PaymentState,
     target: str,
     *,
     reason: str,
@@ -103,60 +168,73 @@ def apply_payment_status(
     final_failure: bool = False,
 ) -> bool:
     """Move a locked payment toward `target` and apply what that means for
-    its order and stock. Returns False (and changes nothing) when the move
-    would go backwards or nowhere: a replay or a late event."""
+    its order (locked here, after the payment) and stock. Returns False (and
+    changes nothing) when the move would go backwards or nowhere: a replay
+    or a late event."""
     steps = payments.path_to(payment.status, target)
     if not steps:
         return False
-    # Lines load only if a late success must take its stock again.
-    order = session.get_one(Order, payment.order_id, with_for_update=True, options=[lazyload(Order.lines)])
-    for status in steps:
-        _move_payment(session, order, payment, status, reason, event_id)
-        effect = _on_final_failure if status == "failed" and final_failure else _ORDER_EFFECTS.get(status)
-        (effect or _no_effect)(session, order, reason, event_id)
+    connection = session.connection()
+    was = connection.execute(_LOCK_ORDER, {"order_id": payment.order_id}).scalar_one()
+    moves = _Moves(payment.order_id, was, event_id)
+    status = payment.status
+    for step in steps:
+        moves.log("payment", status, step, reason)
+        status = step
+        effect = _on_final_failure if step == "failed" and final_failure else _ORDER_EFFECTS.get(step)
+        (effect or _no_effect)(session, moves, reason)
+    connection.execute(_SET_PAYMENT, {"payment_id": payment.id, "new_status": status})
+    if moves.order_status != was:
+        connection.execute(_SET_ORDER, {"order_id": payment.order_id, "new_status": moves.order_status})
+    connection.execute(_LOG_TRANSITIONS, moves.transitions)
+    if isinstance(payment, Payment):
+        # An ORM caller's object shows the new status, without a flush that
+        # would write it a second time.
+        set_committed_value(payment, "status", status)
     return True
 
 
-def _on_succeeded(session: Session, order: Order, reason: str, event_id: int | None) -> None:
-    reference = str(order.id)
-    if order.status == "pending_payment" and stock.sell_reserved(session, order.id, reference):
-        _move_order(session, order, "paid", reason, event_id)
+def _on_succeeded(session: Session, moves: _Moves, reason: str) -> None:
+    reference = str(moves.order_id)
+    was = moves.order_status
+    if was == "pending_payment" and stock.sell_reserved(session, moves.order_id, reference):
+        moves.move_order("paid", reason)
         return
-    if order.status not in _UNFILLED:
+    if was not in _UNFILLED:
         return
     # The reservation is gone (the order expired, or its hold was released
     # while the payment was still processing): take the units again if they
     # are there. The money record is kept either way; an order that cannot be
     # filled needs a person.
-    lines = [(line.sku, line.quantity) for line in order.lines]
-    if stock.sell_unreserved(session, lines, reference):
-        _move_order(session, order, "paid", f"{reason}; stock taken again after {order.status}", event_id)
+    rows = session.connection().execute(_ORDER_LINES, {"order_id": moves.order_id})
+    if stock.sell_unreserved(session, [(sku, quantity) for sku, quantity in rows], reference):
+        moves.move_order("paid", f"{reason}; stock taken again after {was}")
     else:
-        _move_order(session, order, "needs_attention", f"{reason}; stock gone after {order.status}", event_id)
+        moves.move_order("needs_attention", f"{reason}; stock gone after {was}")
 
 
 # Orders a late success can still fill: their units are no longer held.
 _UNFILLED = frozenset({"pending_payment", "expired", "failed", "canceled"})
 
 
-def _on_canceled(session: Session, order: Order, reason: str, event_id: int | None) -> None:
-    if order.status == "pending_payment":
-        stock.release(session, order.id)
-        _move_order(session, order, "canceled", reason, event_id)
+def _on_canceled(session: Session, moves: _Moves, reason: str) -> None:
+    if moves.order_status == "pending_payment":
+        stock.release(session, moves.order_id)
+        moves.move_order("canceled", reason)
 
 
-def _on_final_failure(session: Session, order: Order, reason: str, event_id: int | None) -> None:
-    if order.status == "pending_payment":
-        stock.release(session, order.id)
-        _move_order(session, order, "failed", reason, event_id)
+def _on_final_failure(session: Session, moves: _Moves, reason: str) -> None:
+    if moves.order_status == "pending_payment":
+        stock.release(session, moves.order_id)
+        moves.move_order("failed", reason)
 
 
-def _on_refunded(session: Session, order: Order, reason: str, event_id: int | None) -> None:
+def _on_refunded(session: Session, moves: _Moves, reason: str) -> None:
     # Money went back; goods only come back through a return.
-    _move_order(session, order, "refunded", reason, event_id)
+    moves.move_order("refunded", reason)
 
 
-def _no_effect(session: Session, order: Order, reason: str, event_id: int | None) -> None:
+def _no_effect(session: Session, moves: _Moves, reason: str) -> None:
     return None
 
 

@@ -61,12 +61,7 @@ def available(session: Session, sku: str) -> int:
 def _close_reservations(session: Session, order_id: uuid.UUID, status: str) -> list[Line]:
     """Move the order's active reservations to `status`, once: a second call
     finds none active and returns nothing."""
-    rows = session.connection().execute(
-        update(_RESERVATIONS)
-        .where(_RESERVATIONS.c.order_id == order_id, _RESERVATIONS.c.status == "active")
-        .values(status=status, closed_at=func.now())
-        .returning(_RESERVATIONS.c.sku, _RESERVATIONS.c.quantity)
-    )
+    rows = session.connection().execute(_CLOSE_RESERVATIONS, {"reserved_for": order_id, "new_status": status})
     return sorted((sku, quantity) for sku, quantity in rows)
 
 
@@ -144,6 +139,14 @@ def _units_update() -> Update:
 
 
 _CHANGE_UNITS = _units_update()
+_CLOSE_RESERVATIONS = (
+    update(_RESERVATIONS)
+    .where(_RESERVATIONS.c.order_id == bindparam("reserved_for"), _RESERVATIONS.c.status == "active")
+    .values(status=bindparam("new_status"), closed_at=func.now())
+    .returning(_RESERVATIONS.c.sku, _RESERVATIONS.c.quantity)
+)
+_RECORD_MOVEMENT = insert(_MOVEMENTS)
+_HOLD = insert(_RESERVATIONS)
 # Reserving takes units only while enough are available: the guard and the
 # change are one statement, so two racing checkouts cannot both take the last.
 _RESERVE_UNITS = _CHANGE_UNITS.where(bindparam("reserved_delta", type_=Integer) <= _AVAILABLE)
@@ -218,17 +221,16 @@ def track_low_stock(session: Session, skus: Iterable[str]) -> None:
 def _record(
     session: Session, sku: str, kind: str, quantity: int, before: int, reference: str | None, reason: str
 ) -> None:
-    session.connection().execute(
-        insert(_MOVEMENTS).values(
-            sku=sku,
-            type=kind,
-            quantity=quantity,
-            on_hand_before=before,
-            on_hand_after=before + quantity,
-            reference=reference,
-            reason=reason,
-        )
-    )
+    movement = {
+        "sku": sku,
+        "type": kind,
+        "quantity": quantity,
+        "on_hand_before": before,
+        "on_hand_after": before + quantity,
+        "reference": reference,
+        "reason": reason,
+    }
+    session.connection().execute(_RECORD_MOVEMENT, movement)
 
 
 def units_by_type(session: Session, reference: str, kind: str) -> dict[str, int]:
