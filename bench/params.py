@@ -25,7 +25,7 @@ class Params:
     outage_after: float = 10.0
     soak_seconds: float = 600.0
     soak_rate: float = 20.0  # checkouts (each followed by its webhook) per second
-    soak_warm_up: float = 5.0  # seconds of load before the start RSS is taken
+    soak_warm_up: float = 30.0  # seconds of load before the start RSS is taken (caches, pools warm)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -47,6 +47,6 @@ def for_scale(scale: str) -> Params:
             outage_after=1.0,
             soak_seconds=20.0,
             soak_rate=10.0,
-            soak_warm_up=1.0,
+            soak_warm_up=5.0,
         )
     raise ValueError(f"unknown scale {scale!r}")

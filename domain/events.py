@@ -231,11 +231,14 @@ def apply_event(session: Session, event_id: int, confirmed: MonetbilCheck | None
         paid = f"{confirmed.amount} {confirmed.currency}"
         mismatch = f"Monetbil reports {paid} paid; the payment is {payment.amount} {payment.currency}"
         return _settle(session, event_id, "failed", payment.id, mismatch)
+    # The processed mark first: one transaction either way, and the stock
+    # rows the effects end with are then held only until the commit.
+    _settle(session, event_id, "processed", payment.id, disagreement)
     reason = f"{event.provider} {event.event_type}"
     apply_payment_status(
         session, payment, target.status, reason=reason, event_id=event_id, final_failure=target.final
     )
-    return _settle(session, event_id, "processed", payment.id, disagreement)
+    return "processed"
 
 
 def _confirmed(event: StoredEvent, confirmed: MonetbilCheck | None) -> tuple[Target, str | None]:

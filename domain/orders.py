@@ -139,6 +139,8 @@ class _Moves:
     order_status: str
     event_id: int | None
     transitions: list[dict[str, Any]] = field(default_factory=list)
+    # Consumed reservations whose units leave the shelf last (hot rows).
+    sold: list[stock.Line] = field(default_factory=list)
 
     def log(self, subject: str, before: str, after: str, reason: str) -> None:
         self.transitions.append(
@@ -187,6 +189,8 @@ def apply_payment_status(
     if moves.order_status != was:
         connection.execute(_SET_ORDER, {"order_id": payment.order_id, "new_status": moves.order_status})
     connection.execute(_LOG_TRANSITIONS, moves.transitions)
+    # Products last, so a popular SKU's row is held only until the commit.
+    stock.sell_reserved(session, moves.sold, str(payment.order_id))
     if isinstance(payment, Payment):
         # An ORM caller's object shows the new status, without a flush that
         # would write it a second time.
@@ -197,7 +201,8 @@ def apply_payment_status(
 def _on_succeeded(session: Session, moves: _Moves, reason: str) -> None:
     reference = str(moves.order_id)
     was = moves.order_status
-    if was == "pending_payment" and stock.sell_reserved(session, moves.order_id, reference):
+    if was == "pending_payment" and (sold := stock.consume_reservations(session, moves.order_id)):
+        moves.sold = sold
         moves.move_order("paid", reason)
         return
     if was not in _UNFILLED:

@@ -73,14 +73,19 @@ def release(session: Session, order_id: uuid.UUID) -> list[Line]:
     return released
 
 
-def sell_reserved(session: Session, order_id: uuid.UUID, reference: str) -> list[Line]:
-    """Turn the order's reserved units into a sale: on_hand and reserved both
-    drop, one `sale` movement per line."""
-    sold = _close_reservations(session, order_id, "consumed")
+def consume_reservations(session: Session, order_id: uuid.UUID) -> list[Line]:
+    """Close the order's active reservations for a sale (once: a second call
+    finds none); the units leave the shelf with `sell_reserved`."""
+    return _close_reservations(session, order_id, "consumed")
+
+
+def sell_reserved(session: Session, sold: Iterable[Line], reference: str) -> None:
+    """Consumed reservations become a sale: on_hand and reserved both drop,
+    one `sale` movement per line. The product rows are the hottest rows there
+    are (a popular SKU): callers do this last in their transaction."""
     for sku, quantity in sold:
         after = _on_hand(_change(session, sku, on_hand=-quantity, reserved=-quantity))
         _record(session, sku, "sale", -quantity, after + quantity, reference, "order paid")
-    return sold
 
 
 def sell_unreserved(session: Session, lines: Iterable[Line], reference: str) -> bool:
