@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, make_url
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -21,21 +23,52 @@ SERVER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c 
 
 
 def make_engine(database_url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
-    # pool_pre_ping: a connection PostgreSQL dropped while idle is replaced
-    # instead of failing the next request. A process with many threads needs
-    # a pool as large as the threads that use it at once: a connection made
-    # beyond pool_size is closed when returned, and the next one pays a
-    # new PostgreSQL backend (several ms) on the request path.
+    # A process with many threads needs a pool as large as the threads that
+    # use it at once: a connection made beyond pool_size is closed when
+    # returned, and the next one pays a new PostgreSQL backend (several ms)
+    # on the request path.
     connect_args: dict[str, object] = dict(KEEPALIVES)
     if "options" not in make_url(database_url).query:  # options given in DATABASE_URL win
         connect_args["options"] = SERVER_KEEPALIVES
-    return create_engine(
+    engine = create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
         connect_args=connect_args,
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+# A connection back in the pool for less than this was working a moment ago.
+IDLE_BEFORE_PING_SECONDS = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """pool_pre_ping, for idle connections only. A connection PostgreSQL
+    dropped while it sat in the pool is replaced before use instead of
+    failing the request; one in constant use is not pinged, which saves a
+    round trip on every transaction. One that dies mid-use fails its
+    transaction, and SQLAlchemy then renews the whole pool."""
+
+    @event.listens_for(engine, "connect")
+    def made(dbapi_connection: Any, record: Any) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def returned(dbapi_connection: Any, record: Any) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if time.monotonic() - record.info.get("returned_at", 0.0) < IDLE_BEFORE_PING_SECONDS:
+            return
+        try:
+            dbapi_connection.execute("SELECT 1")
+            dbapi_connection.rollback()
+        except Exception:
+            # The pool discards this connection and checks out another.
+            raise exc.DisconnectionError() from None
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:
