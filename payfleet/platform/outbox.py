@@ -11,7 +11,6 @@ import logging
 import queue
 import threading
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
@@ -57,7 +56,9 @@ class PublishedMarks:
             try:
                 with self._sessions.begin() as session:
                     mark_published(session, ids)
-            except SQLAlchemyError as error:
+            # Any error: this thread must live on, or every later event would
+            # be left to the relay.
+            except Exception as error:
                 log.warning(
                     "events %s published but not marked (the relay will publish them again): %s", ids, error
                 )
