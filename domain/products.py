@@ -64,7 +64,7 @@ def put_product(session: Session, command: PutProduct) -> tuple[dict[str, Any], 
     product.low_stock_threshold = command.low_stock_threshold
     product.updated_at = datetime.now(UTC)
     stock.set_on_hand(session, command.sku, command.on_hand, "set by admin")
-    stock.track_low_stock(session, [command.sku])  # the threshold may have moved
+    stock.track_low_stock(session, command.sku)  # on_hand or the threshold may have moved
     session.refresh(product)
     return product_view(product), created
 

@@ -42,13 +42,11 @@ def reserve(session: Session, order_id: uuid.UUID, lines: Iterable[Line]) -> Non
     for sku, quantity in wanted:
         if _change(session, sku, reserved=quantity, guarded=True) is None:
             raise InsufficientStock(sku, available(session, sku))
-    session.connection().execute(
-        insert(_RESERVATIONS),
-        [
-            {"order_id": order_id, "sku": sku, "quantity": quantity, "status": "active"}
-            for sku, quantity in wanted
-        ],
-    )
+    held = [
+        {"order_id": order_id, "sku": sku, "quantity": quantity, "status": "active"}
+        for sku, quantity in wanted
+    ]
+    session.connection().execute(_HOLD, held)
 
 
 def available(session: Session, sku: str) -> int:
@@ -176,7 +174,8 @@ def _on_hand(row: Row[Any] | None) -> int:
 
 def set_on_hand(session: Session, sku: str, on_hand: int, reason: str) -> None:
     """Set a SKU's on_hand (the product row must be locked by the caller),
-    writing a `restock` for an increase and an `adjustment` for a decrease."""
+    writing a `restock` for an increase and an `adjustment` for a decrease.
+    The caller re-checks the low-stock mark (track_low_stock)."""
     product = session.get_one(Product, sku)
     before = product.on_hand
     if on_hand == before:
@@ -185,7 +184,6 @@ def set_on_hand(session: Session, sku: str, on_hand: int, reason: str) -> None:
     session.flush()  # the CHECK refuses on_hand below reserved here, before any movement
     kind = "restock" if on_hand > before else "adjustment"
     _record(session, sku, kind, on_hand - before, before, None, reason)
-    track_low_stock(session, [sku])
 
 
 def put_back(session: Session, sku: str, quantity: int, reference: str, reason: str) -> None:
@@ -194,33 +192,11 @@ def put_back(session: Session, sku: str, quantity: int, reference: str, reason: 
     _record(session, sku, "return", quantity, after - quantity, reference, reason)
 
 
-def track_low_stock(session: Session, skus: Iterable[str]) -> None:
-    """Note when a SKU's available stock crosses its threshold, both ways. Each
-    is one conditional UPDATE, so a crossing is logged once however many sales
-    follow, and racing transactions cannot log it twice."""
-    for sku in skus:
-        crossed = session.execute(
-            update(Product)
-            .where(
-                Product.sku == sku,
-                Product.low_stock_since.is_(None),
-                Product.on_hand - Product.reserved <= Product.low_stock_threshold,
-            )
-            .values(low_stock_since=func.now())
-            .returning(Product.on_hand - Product.reserved, Product.low_stock_threshold)
-        ).first()
-        if crossed is not None:
-            log.warning("low stock: %s has %s available (threshold %s)", sku, crossed[0], crossed[1])
-            continue
-        session.execute(
-            update(Product)
-            .where(
-                Product.sku == sku,
-                Product.low_stock_since.is_not(None),
-                Product.on_hand - Product.reserved > Product.low_stock_threshold,
-            )
-            .values(low_stock_since=None)
-        )
+def track_low_stock(session: Session, sku: str) -> None:
+    """Re-check a SKU's low-stock mark after an operator changed its units or
+    its threshold: the same UPDATE as every unit change, moving no units."""
+    session.flush()  # the ORM's pending change of on_hand or threshold is what it must see
+    _change(session, sku)
 
 
 def _record(
