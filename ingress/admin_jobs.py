@@ -13,7 +13,6 @@ from domain.job_runs import job_overview
 from domain.job_table import JobTable
 from ingress.admin import AdminResource
 from ingress.errors import ApiError
-from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, job_table
 from payfleet.platform.outbox import start_manual_run
 from payfleet.platform.publishing import Publisher
@@ -48,16 +47,14 @@ class Jobs(AdminResource):
 
 
 def add_routes(
-    app: falcon.App[falcon.Request, falcon.Response], sessions: sessionmaker[Session], settings: Settings
+    app: falcon.App[falcon.Request, falcon.Response],
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    publisher: Publisher,
 ) -> None:
-    # Publishing waits at most PUBLISH_TIMEOUT_SECONDS; a run left unpublished
-    # is published by the scheduler's next tick.
-    sender = Publisher(
-        build_broker(settings),
-        deadline=settings.publish_timeout_seconds,
-        pause=settings.publish_pause_seconds,
-    )
-    jobs = Jobs(sessions, job_table(settings), sender)
+    # The app's one publisher (its deadline and pause): a run left
+    # unpublished is published by the scheduler's next tick.
+    jobs = Jobs(sessions, job_table(settings), publisher)
     app.add_route("/admin/jobs", jobs)
     app.add_route("/admin/jobs/runs", jobs, suffix="runs")
     app.add_route("/admin/jobs/metrics", jobs, suffix="metrics")

@@ -69,7 +69,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     events = Events(c.sessions, inbox)
     app.add_route("/admin/events", events)
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
-    admin_jobs.add_routes(app, c.sessions, s)
+    admin_jobs.add_routes(app, c.sessions, s, c.publisher)
     app.add_route("/healthz", Healthz())
     app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))

@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
 from domain.job_table import Job, JobTable
-from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, job_table
 from payfleet.platform.publishing import Publisher, run_message
 
@@ -147,11 +146,11 @@ class SlotClaimer:
         return failed
 
 
-def claimer_for(settings: Settings, sessions: sessionmaker[Session]) -> SlotClaimer:
+def claimer_for(settings: Settings, sessions: sessionmaker[Session], publisher: Publisher) -> SlotClaimer:
     return SlotClaimer(
         sessions,
         job_table(settings),
-        Publisher(build_broker(settings)),
+        publisher,
         republish_after=settings.outbox_relay_grace_seconds,
         abandon_after=settings.job_time_limit_seconds + ABANDON_MARGIN_SECONDS,
     )

@@ -41,6 +41,7 @@ def run(tasks: Sequence[Task], interval: float, stop: threading.Event) -> None:
 
 def tasks_for(settings: Settings) -> list[Task]:
     sessions = make_sessions(make_engine(settings.database_url, pool_size=2))
+    # One broker connection for both tasks: they run on the same thread.
     publisher = Publisher(build_broker(settings))
     relay = OutboxRelay(
         sessions,
@@ -48,7 +49,7 @@ def tasks_for(settings: Settings) -> list[Task]:
         grace=settings.outbox_relay_grace_seconds,
         stuck_after=settings.outbox_stuck_after_seconds,
     )
-    return [relay.run_once, claimer_for(settings, sessions).run_once]
+    return [relay.run_once, claimer_for(settings, sessions, publisher).run_once]
 
 
 def main(settings: Settings) -> None:
