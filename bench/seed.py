@@ -129,6 +129,7 @@ def pending_orders(
                 copy.write_row((o.order_id, "order", None, "pending_payment", "checkout", created))
         for sku, units in sorted(reserved.items()):
             cur.execute("UPDATE products SET reserved = reserved + %s WHERE sku = %s", (units, sku))
+    analyze(conn)
 
 
 def succeeded_events(
@@ -170,4 +171,14 @@ def succeeded_events(
             (keys,),
         )
         ids: dict[str, int] = {str(key): int(row_id) for key, row_id in cur.fetchall()}
+    analyze(conn)
     return [ids[key] for key in keys]
+
+
+def analyze(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    """Statistics for what was just loaded, as any bulk load ends (and as
+    autovacuum would within a minute): without them the planner takes
+    thousands of freshly copied rows for a handful and picks scans that no
+    database in service would."""
+    conn.execute("ANALYZE")
+    conn.commit()

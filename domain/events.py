@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeAlias, cast
 
-from sqlalchemy import Table, bindparam, func, select, update
+from sqlalchemy import Table, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -28,7 +28,7 @@ from domain.errors import (
 )
 from domain.gateways import MonetbilCheck
 from domain.models import Payment, ProviderEvent
-from domain.orders import apply_payment_status
+from domain.orders import PaymentChange, apply_payment_changes, apply_payment_status
 
 
 @dataclass(frozen=True)
@@ -173,16 +173,20 @@ def monetbil_event_facts(form: dict[str, str]) -> EventFacts:
 # --- applying -----------------------------------------------------------------
 
 
-_LOCK_EVENT = (
-    select(
-        _EVENTS.c.id,
-        _EVENTS.c.provider,
-        _EVENTS.c.event_type,
-        _EVENTS.c.status,
-        _EVENTS.c.provider_payment_id,
-        _EVENTS.c.payload,
-    )
-    .where(_EVENTS.c.id == bindparam("event_id"))
+_EVENT_COLUMNS = (
+    _EVENTS.c.id,
+    _EVENTS.c.provider,
+    _EVENTS.c.event_type,
+    _EVENTS.c.status,
+    _EVENTS.c.provider_payment_id,
+    _EVENTS.c.payload,
+)
+_LOCK_EVENT = select(*_EVENT_COLUMNS).where(_EVENTS.c.id == bindparam("event_id")).with_for_update()
+# Sorted by id: two transactions given overlapping events lock them in one order.
+_LOCK_EVENTS = (
+    select(*_EVENT_COLUMNS)
+    .where(_EVENTS.c.id.in_(bindparam("event_ids", expanding=True)))
+    .order_by(_EVENTS.c.id)
     .with_for_update()
 )
 _SETTLE = (
@@ -241,6 +245,46 @@ def apply_event(session: Session, event_id: int, confirmed: MonetbilCheck | None
     return "processed"
 
 
+def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
+    """apply_event for many events in one transaction, in a handful of
+    statements however many there are: the common case of a Stripe event
+    about a payment found by its PaymentIntent id. Returns the status of each
+    event it settled (or found settled); an event it leaves out (Monetbil's,
+    a payment not found that way, a second event about the same order) is
+    untouched, for apply_event on its own. Each event is applied once either
+    way: its verdict is written in the same transaction as its effects."""
+    connection = session.connection()
+    locked = connection.execute(_LOCK_EVENTS, {"event_ids": sorted(set(event_ids))}).all()
+    settled: dict[int, str] = {}
+    verdicts: dict[int, tuple[str, uuid.UUID | None]] = {}
+    stripe_events: list[tuple[Any, Target]] = []
+    for event in locked:
+        if event.status != "received":
+            settled[event.id] = str(event.status)
+        elif (target := target_of(event)) is None:
+            verdicts[event.id] = ("ignored", None)
+        elif event.provider == "stripe" and event.provider_payment_id:
+            stripe_events.append((event, target))
+    intents = sorted({event.provider_payment_id for event, _ in stripe_events})
+    by_intent: dict[str, PaymentRow] = {}
+    if intents:
+        found = connection.execute(_STRIPE_PAYMENTS, {"intents": intents})
+        by_intent = {payment.provider_payment_id: payment for payment in found}
+    changes, orders = [], set()
+    for event, target in stripe_events:
+        payment = by_intent.get(event.provider_payment_id)
+        if payment is None or payment.order_id in orders:
+            continue
+        orders.add(payment.order_id)
+        verdicts[event.id] = ("processed", payment.id)
+        reason = f"{event.provider} {event.event_type}"
+        changes.append(PaymentChange(payment, target.status, reason, event.id, target.final))
+    if verdicts:
+        _settle_many(session, verdicts)
+    apply_payment_changes(session, changes)
+    return settled | {event_id: status for event_id, (status, _) in verdicts.items()}
+
+
 def _confirmed(event: StoredEvent, confirmed: MonetbilCheck | None) -> tuple[Target, str | None]:
     """The target check-payment allows, and the disagreement to keep on the
     event when it contradicts the callback."""
@@ -264,10 +308,34 @@ def _settle(
 ) -> str:
     """The event's verdict, in the same transaction as its effects; its
     attempt is counted (a retried attempt is counted by record_failed_attempt)."""
-    values = {"event_id": event_id, "new_status": status, "found": payment_id, "error": error}
-    session.connection().execute(_SETTLE, values)
+    session.connection().execute(_SETTLE, _verdict(event_id, status, payment_id, error))
     return status
 
+
+def _verdict(
+    event_id: int, status: str, payment_id: uuid.UUID | None = None, error: str | None = None
+) -> dict[str, Any]:
+    return {"event_id": event_id, "new_status": status, "found": payment_id, "error": error}
+
+
+def _settle_many(session: Session, verdicts: dict[int, tuple[str, uuid.UUID | None]]) -> None:
+    """_settle for many events, in one statement: {event id: (status, payment id)}."""
+    params = {
+        "ids": list(verdicts),
+        "statuses": [status for status, _ in verdicts.values()],
+        "payment_ids": [payment_id for _, payment_id in verdicts.values()],
+    }
+    session.connection().execute(_SETTLE_MANY, params)
+
+
+# One UPDATE for a batch's verdicts, passed as arrays (see orders._SET_PAYMENTS).
+_SETTLE_MANY = text(
+    "UPDATE provider_events SET status = verdict.status, processed_at = now(), attempts = attempts + 1,"
+    " payment_id = coalesce(verdict.payment_id, provider_events.payment_id)"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:payment_ids AS uuid[]))"
+    " AS verdict (id, status, payment_id)"
+    " WHERE provider_events.id = verdict.id"
+)
 
 _PAYMENT = select(
     _PAYMENTS.c.id,
@@ -281,6 +349,10 @@ _PAYMENT = select(
 _PAYMENT_BY_PROVIDER_ID = _PAYMENT.where(
     _PAYMENTS.c.provider == bindparam("provider"), _PAYMENTS.c.provider_payment_id == bindparam("provider_id")
 )
+_STRIPE_PAYMENTS = _PAYMENT.where(
+    _PAYMENTS.c.provider == "stripe",
+    _PAYMENTS.c.provider_payment_id.in_(bindparam("intents", expanding=True)),
+).order_by(_PAYMENTS.c.id)
 _PAYMENT_BY_ID = _PAYMENT.where(
     _PAYMENTS.c.provider == bindparam("provider"), _PAYMENTS.c.id == bindparam("id")
 )

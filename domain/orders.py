@@ -7,15 +7,17 @@ unit of work commits it, so a rule's effects and its marks land together.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import Table, bindparam, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import carts, payments, stock
+from domain.bulk import BulkInsert
 from domain.errors import Conflict, InvalidRequest, NotFound, UnknownSku
 from domain.models import Order, OrderLine, OrderTransition, Payment, Product
 
@@ -109,25 +111,49 @@ class PaymentState(Protocol):
     def status(self) -> str: ...
 
 
+@dataclass(frozen=True)
+class PaymentChange:
+    """A locked payment and the status something (an event, a job) asks of it.
+    `final_failure` marks a failure the customer cannot retry on the same
+    payment: its stock is released."""
+
+    payment: PaymentState
+    target: str
+    reason: str
+    event_id: int | None = None
+    final_failure: bool = False
+
+
 # The payment path runs once per provider event: Core statements built once,
-# on the session's connection, and the writes gathered into three statements
-# at the end (the ORM's loading and flush bookkeeping cost more than the SQL).
+# on the session's connection, each run once for all the payments a
+# transaction moves (the ORM's loading and flush bookkeeping cost more than
+# the SQL, and a round trip costs more than a row).
 _ORDERS = cast(Table, Order.__table__)
 _PAYMENTS = cast(Table, Payment.__table__)
 _TRANSITIONS = cast(Table, OrderTransition.__table__)
 _LINES = cast(Table, OrderLine.__table__)
-_LOCK_ORDER = select(_ORDERS.c.status).where(_ORDERS.c.id == bindparam("order_id")).with_for_update()
-_SET_PAYMENT = (
-    update(_PAYMENTS)
-    .where(_PAYMENTS.c.id == bindparam("payment_id"))
-    .values(status=bindparam("new_status"), updated_at=func.now())
+# Sorted by id: two transactions moving overlapping orders lock them in one order.
+_LOCK_ORDERS = (
+    select(_ORDERS.c.id, _ORDERS.c.status)
+    .where(_ORDERS.c.id.in_(bindparam("order_ids", expanding=True)))
+    .order_by(_ORDERS.c.id)
+    .with_for_update()
 )
-_SET_ORDER = (
-    update(_ORDERS)
-    .where(_ORDERS.c.id == bindparam("order_id"))
-    .values(status=bindparam("new_status"), updated_at=func.now())
+# One UPDATE for every row of a kind, the new statuses passed as arrays (an
+# executemany costs a statement's work per row, in the client and the server).
+_SET_PAYMENTS = text(
+    "UPDATE payments SET status = moved.status, updated_at = now()"
+    " FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[])) AS moved (id, status)"
+    " WHERE payments.id = moved.id"
 )
-_LOG_TRANSITIONS = insert(_TRANSITIONS)
+_SET_ORDERS = text(
+    "UPDATE orders SET status = moved.status, updated_at = now()"
+    " FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[])) AS moved (id, status)"
+    " WHERE orders.id = moved.id"
+)
+_LOG_TRANSITIONS = BulkInsert(
+    _TRANSITIONS, ("order_id", "subject", "from_status", "to_status", "reason", "event_id")
+)
 _ORDER_LINES = select(_LINES.c.sku, _LINES.c.quantity).where(_LINES.c.order_id == bindparam("order_id"))
 
 
@@ -138,6 +164,9 @@ class _Moves:
     order_id: uuid.UUID
     order_status: str
     event_id: int | None
+    # The order's reservations, consumed up front for every order a
+    # success finds pending (one statement for all of them).
+    consumed: list[stock.Line]
     transitions: list[dict[str, Any]] = field(default_factory=list)
     # Consumed reservations whose units leave the shelf last (hot rows).
     sold: list[stock.Line] = field(default_factory=list)
@@ -169,40 +198,74 @@ def apply_payment_status(
     event_id: int | None = None,
     final_failure: bool = False,
 ) -> bool:
-    """Move a locked payment toward `target` and apply what that means for
-    its order (locked here, after the payment) and stock. Returns False (and
-    changes nothing) when the move would go backwards or nowhere: a replay
-    or a late event."""
-    steps = payments.path_to(payment.status, target)
-    if not steps:
-        return False
-    connection = session.connection()
-    was = connection.execute(_LOCK_ORDER, {"order_id": payment.order_id}).scalar_one()
-    moves = _Moves(payment.order_id, was, event_id)
-    status = payment.status
-    for step in steps:
-        moves.log("payment", status, step, reason)
-        status = step
-        effect = _on_final_failure if step == "failed" and final_failure else _ORDER_EFFECTS.get(step)
-        (effect or _no_effect)(session, moves, reason)
-    connection.execute(_SET_PAYMENT, {"payment_id": payment.id, "new_status": status})
-    if moves.order_status != was:
-        connection.execute(_SET_ORDER, {"order_id": payment.order_id, "new_status": moves.order_status})
-    connection.execute(_LOG_TRANSITIONS, moves.transitions)
-    # Products last, so a popular SKU's row is held only until the commit.
-    stock.sell_reserved(session, moves.sold, str(payment.order_id))
-    if isinstance(payment, Payment):
+    """Move one locked payment toward `target` (see apply_payment_changes).
+    Returns False (and changes nothing) when the move would go backwards or
+    nowhere: a replay or a late event."""
+    change = PaymentChange(payment, target, reason, event_id, final_failure)
+    moved = apply_payment_changes(session, [change])
+    if moved and isinstance(payment, Payment):
         # An ORM caller's object shows the new status, without a flush that
         # would write it a second time.
-        set_committed_value(payment, "status", status)
-    return True
+        set_committed_value(payment, "status", moved[0])
+    return bool(moved)
+
+
+def apply_payment_changes(session: Session, changes: Sequence[PaymentChange]) -> list[str]:
+    """Move locked payments toward their targets and apply what that means
+    for their orders (locked here, after the payments) and stock: a handful
+    of statements however many payments move. Each change must be for a
+    different order. Returns the new status of each payment that moved; a
+    move that would go backwards or nowhere (a replay, a late event) changes
+    nothing."""
+    planned = [
+        (change, steps)
+        for change in changes
+        if (steps := payments.path_to(change.payment.status, change.target))
+    ]
+    if not planned:
+        return []
+    connection = session.connection()
+    order_ids = sorted({change.payment.order_id for change, _ in planned})
+    assert len(order_ids) == len(planned), "one change per order"
+    was = {row.id: row.status for row in connection.execute(_LOCK_ORDERS, {"order_ids": order_ids})}
+    # Only `succeeded` consumes, and it is always a path's first step.
+    paying = [
+        c.payment.order_id
+        for c, steps in planned
+        if steps[0] == "succeeded" and was[c.payment.order_id] == "pending_payment"
+    ]
+    consumed = stock.consume_reservations(session, paying)
+    all_moves: list[_Moves] = []
+    payment_moves: dict[uuid.UUID, str] = {}
+    order_moves: dict[uuid.UUID, str] = {}
+    for change, steps in planned:
+        order_id = change.payment.order_id
+        moves = _Moves(order_id, was[order_id], change.event_id, consumed.get(order_id, []))
+        status = change.payment.status
+        for step in steps:
+            moves.log("payment", status, step, change.reason)
+            status = step
+            failure = step == "failed" and change.final_failure
+            effect = _on_final_failure if failure else _ORDER_EFFECTS.get(step)
+            (effect or _no_effect)(session, moves, change.reason)
+        all_moves.append(moves)
+        payment_moves[change.payment.id] = status
+        if moves.order_status != was[order_id]:
+            order_moves[order_id] = moves.order_status
+    connection.execute(_SET_PAYMENTS, {"ids": list(payment_moves), "statuses": list(payment_moves.values())})
+    if order_moves:
+        connection.execute(_SET_ORDERS, {"ids": list(order_moves), "statuses": list(order_moves.values())})
+    _LOG_TRANSITIONS.run(connection, [row for moves in all_moves for row in moves.transitions])
+    # Products last, so a popular SKU's row is held only until the commit.
+    stock.sell_reserved(session, [(str(m.order_id), sku, n) for m in all_moves for sku, n in m.sold])
+    return list(payment_moves.values())
 
 
 def _on_succeeded(session: Session, moves: _Moves, reason: str) -> None:
     reference = str(moves.order_id)
     was = moves.order_status
-    if was == "pending_payment" and (sold := stock.consume_reservations(session, moves.order_id)):
-        moves.sold = sold
+    if was == "pending_payment" and moves.consumed:
+        moves.sold = moves.consumed
         moves.move_order("paid", reason)
         return
     if was not in _UNFILLED:

@@ -16,13 +16,29 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Integer, Row, Table, Update, bindparam, case, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Row,
+    String,
+    Table,
+    Update,
+    bindparam,
+    case,
+    column,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from domain.bulk import BulkInsert
 from domain.errors import InsufficientStock, UnknownSku
 from domain.models import Order, Product, StockMovement, StockReservation
 
@@ -71,19 +87,46 @@ def release(session: Session, order_id: uuid.UUID) -> list[Line]:
     return released
 
 
-def consume_reservations(session: Session, order_id: uuid.UUID) -> list[Line]:
-    """Close the order's active reservations for a sale (once: a second call
-    finds none); the units leave the shelf with `sell_reserved`."""
-    return _close_reservations(session, order_id, "consumed")
+def consume_reservations(session: Session, order_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Line]]:
+    """Close the orders' active reservations for a sale, in one statement
+    (once: a second call finds none); the units leave the shelf with
+    `sell_reserved`. Returns each order's consumed lines, sorted."""
+    if not order_ids:
+        return {}
+    rows = session.connection().execute(_CONSUME_RESERVATIONS, {"order_ids": list(order_ids)})
+    consumed: dict[uuid.UUID, list[Line]] = {}
+    for order_id, sku, quantity in rows:
+        consumed.setdefault(order_id, []).append((sku, quantity))
+    return {order_id: sorted(lines) for order_id, lines in consumed.items()}
 
 
-def sell_reserved(session: Session, sold: Iterable[Line], reference: str) -> None:
-    """Consumed reservations become a sale: on_hand and reserved both drop,
-    one `sale` movement per line. The product rows are the hottest rows there
-    are (a popular SKU): callers do this last in their transaction."""
-    for sku, quantity in sold:
-        after = _on_hand(_change(session, sku, on_hand=-quantity, reserved=-quantity))
-        _record(session, sku, "sale", -quantity, after + quantity, reference, "order paid")
+def sell_reserved(session: Session, sold: Iterable[tuple[str, str, int]]) -> None:
+    """Consumed reservations, as (reference, sku, quantity), become sales:
+    on_hand and reserved both drop, one `sale` movement per line with its own
+    before and after. The product rows are the hottest rows there are (a
+    popular SKU): callers do this last in their transaction."""
+    by_sku: dict[str, list[tuple[str, int]]] = {}
+    for reference, sku, quantity in sold:
+        by_sku.setdefault(sku, []).append((reference, quantity))
+    if not by_sku:
+        return
+    skus = sorted(by_sku)
+    totals = [-sum(quantity for _, quantity in by_sku[sku]) for sku in skus]
+    connection = session.connection()
+    if len(skus) > 1:
+        # Locked in SKU order first, like every multi-row stock change (the
+        # UPDATE below visits rows in whatever order its plan takes).
+        connection.execute(_LOCK_PRODUCTS, {"skus": skus})
+    changed = connection.execute(_CHANGE_MANY_UNITS, {"skus": skus, "on_hand": totals, "reserved": totals})
+    delta = dict(zip(skus, totals, strict=True))
+    movements = []
+    for row in sorted(changed, key=lambda row: str(row.sku)):
+        _warn_low(row)
+        sku, on_hand = row.sku, int(row.on_hand) - delta[row.sku]
+        for reference, quantity in by_sku[sku]:
+            movements.append(_movement(sku, "sale", -quantity, on_hand, reference, "order paid"))
+            on_hand -= quantity
+    _RECORD_MOVEMENTS.run(connection, movements)
 
 
 def sell_unreserved(session: Session, lines: Iterable[Line], reference: str) -> bool:
@@ -112,20 +155,18 @@ _MOVEMENTS = cast(Table, StockMovement.__table__)
 _AVAILABLE = _PRODUCTS.c.on_hand - _PRODUCTS.c.reserved
 
 
-def _units_update() -> Update:
+def _units_update(on_hand: ColumnElement[int], reserved: ColumnElement[int]) -> Update:
     """One UPDATE of a product's units and of its low-stock mark, built once
     (its parameters are bound per call). SET expressions read the row as it
     was, so the mark compares the new available units with the threshold:
     set on the way down (an earlier mark is kept), cleared on the way up. A
     mark that reads as this transaction's `now()` was set by it: a crossing
     is logged once, however many sales follow and whatever races."""
-    on_hand, reserved = bindparam("on_hand_delta", type_=Integer), bindparam("reserved_delta", type_=Integer)
     low = (_PRODUCTS.c.on_hand + on_hand) - (
         _PRODUCTS.c.reserved + reserved
     ) <= _PRODUCTS.c.low_stock_threshold
     return (
         update(_PRODUCTS)
-        .where(_PRODUCTS.c.sku == bindparam("product_sku"))
         .values(
             on_hand=_PRODUCTS.c.on_hand + on_hand,
             reserved=_PRODUCTS.c.reserved + reserved,
@@ -134,21 +175,55 @@ def _units_update() -> Update:
         )
         .returning(
             _PRODUCTS.c.on_hand,
-            _AVAILABLE,
+            _AVAILABLE.label("available"),
             _PRODUCTS.c.low_stock_threshold,
-            _PRODUCTS.c.low_stock_since == func.now(),
+            (_PRODUCTS.c.low_stock_since == func.now()).label("crossed"),
+            _PRODUCTS.c.sku,
         )
     )
 
 
-_CHANGE_UNITS = _units_update()
+_CHANGE_UNITS = _units_update(
+    bindparam("on_hand_delta", type_=Integer), bindparam("reserved_delta", type_=Integer)
+).where(_PRODUCTS.c.sku == bindparam("product_sku"))
+# Many SKUs' units in one UPDATE: the deltas as arrays, unnested (see bulk).
+_DELTAS = (
+    func.unnest(
+        bindparam("skus", type_=ARRAY(String)),
+        bindparam("on_hand", type_=ARRAY(Integer)),
+        bindparam("reserved", type_=ARRAY(Integer)),
+    )
+    .table_valued(column("sku", String), column("on_hand", Integer), column("reserved", Integer))
+    .render_derived(name="deltas")
+)
+_CHANGE_MANY_UNITS = _units_update(_DELTAS.c.on_hand, _DELTAS.c.reserved).where(
+    _PRODUCTS.c.sku == _DELTAS.c.sku
+)
+_LOCK_PRODUCTS = (
+    select(_PRODUCTS.c.sku)
+    .where(_PRODUCTS.c.sku.in_(bindparam("skus", expanding=True)))
+    .order_by(_PRODUCTS.c.sku)
+    .with_for_update()
+)
 _CLOSE_RESERVATIONS = (
     update(_RESERVATIONS)
     .where(_RESERVATIONS.c.order_id == bindparam("reserved_for"), _RESERVATIONS.c.status == "active")
     .values(status=bindparam("new_status"), closed_at=func.now())
     .returning(_RESERVATIONS.c.sku, _RESERVATIONS.c.quantity)
 )
+_CONSUME_RESERVATIONS = (
+    update(_RESERVATIONS)
+    .where(
+        _RESERVATIONS.c.order_id.in_(bindparam("order_ids", expanding=True)),
+        _RESERVATIONS.c.status == "active",
+    )
+    .values(status="consumed", closed_at=func.now())
+    .returning(_RESERVATIONS.c.order_id, _RESERVATIONS.c.sku, _RESERVATIONS.c.quantity)
+)
 _RECORD_MOVEMENT = insert(_MOVEMENTS)
+_RECORD_MOVEMENTS = BulkInsert(
+    _MOVEMENTS, ("sku", "type", "quantity", "on_hand_before", "on_hand_after", "reference", "reason")
+)
 _HOLD = insert(_RESERVATIONS)
 # Reserving takes units only while enough are available: the guard and the
 # change are one statement, so two racing checkouts cannot both take the last.
@@ -162,9 +237,16 @@ def _change(
     statement = _RESERVE_UNITS if guarded else _CHANGE_UNITS
     params = {"product_sku": sku, "on_hand_delta": on_hand, "reserved_delta": reserved}
     row = session.connection().execute(statement, params).first()
-    if row is not None and row[3]:
-        log.warning("low stock: %s has %s available (threshold %s)", sku, row[1], row[2])
+    if row is not None:
+        _warn_low(row)
     return row
+
+
+def _warn_low(row: Row[Any]) -> None:
+    if row.crossed:
+        log.warning(
+            "low stock: %s has %s available (threshold %s)", row.sku, row.available, row.low_stock_threshold
+        )
 
 
 def _on_hand(row: Row[Any] | None) -> int:
@@ -202,7 +284,13 @@ def track_low_stock(session: Session, sku: str) -> None:
 def _record(
     session: Session, sku: str, kind: str, quantity: int, before: int, reference: str | None, reason: str
 ) -> None:
-    movement = {
+    session.connection().execute(_RECORD_MOVEMENT, _movement(sku, kind, quantity, before, reference, reason))
+
+
+def _movement(
+    sku: str, kind: str, quantity: int, before: int, reference: str | None, reason: str
+) -> dict[str, Any]:
+    return {
         "sku": sku,
         "type": kind,
         "quantity": quantity,
@@ -211,7 +299,6 @@ def _record(
         "reference": reference,
         "reason": reason,
     }
-    session.connection().execute(_RECORD_MOVEMENT, movement)
 
 
 def units_by_type(session: Session, reference: str, kind: str) -> dict[str, int]:
