@@ -8,6 +8,7 @@ its effects, so a redelivered message finds the mark and does nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,8 +54,37 @@ _RECORD = (
 _FIND = select(_EVENTS.c.id).where(
     _EVENTS.c.provider == bindparam("provider"), _EVENTS.c.event_key == bindparam("event_key")
 )
+# Many events in one statement, their fields as arrays (see domain.bulk).
+_RECORD_MANY = text(
+    "INSERT INTO provider_events"
+    " (provider, event_key, event_type, provider_payment_id, payload, status, attempts)"
+    " SELECT provider, event_key, event_type, payment_id, CAST(payload AS jsonb), 'received', 0"
+    " FROM unnest(CAST(:providers AS varchar[]), CAST(:event_keys AS varchar[]),"
+    " CAST(:event_types AS varchar[]), CAST(:payment_ids AS varchar[]), CAST(:payloads AS text[]))"
+    " AS event (provider, event_key, event_type, payment_id, payload)"
+    " ON CONFLICT (provider, event_key) DO NOTHING"
+    " RETURNING id, provider, event_key"
+)
+_FIND_MANY = text(
+    "SELECT id, provider, event_key FROM provider_events"
+    " JOIN unnest(CAST(:providers AS varchar[]), CAST(:event_keys AS varchar[])) AS wanted (p, k)"
+    " ON provider = wanted.p AND event_key = wanted.k"
+)
+# The rows locked in id order first, as the worker's batches lock them: an
+# UPDATE visits rows in whatever order its plan takes, and a mark locking two
+# events one way while a batch locks them the other would deadlock.
 _MARK_PUBLISHED = (
-    update(_EVENTS).where(_EVENTS.c.id.in_(bindparam("ids", expanding=True))).values(published_at=func.now())
+    update(_EVENTS)
+    .where(
+        _EVENTS.c.id.in_(
+            select(_EVENTS.c.id)
+            .where(_EVENTS.c.id.in_(bindparam("ids", expanding=True)))
+            .order_by(_EVENTS.c.id)
+            .with_for_update()
+            .scalar_subquery()
+        )
+    )
+    .values(published_at=func.now())
 )
 
 
@@ -77,6 +107,33 @@ def record_event(session: Session, facts: EventFacts) -> tuple[int, bool]:
         return inserted, False
     existing = connection.execute(_FIND, {"provider": facts.provider, "event_key": facts.event_key})
     return existing.scalar_one(), True
+
+
+def record_events(session: Session, batch: Sequence[EventFacts]) -> list[tuple[int, bool]]:
+    """record_event for many events in one INSERT (and one SELECT for those
+    already stored): (id, duplicate) for each, in order. An event given twice
+    is stored once, and is a duplicate the second time."""
+    if len(batch) == 1:
+        return [record_event(session, batch[0])]  # plain parameters cost less than arrays of one
+    connection = session.connection()
+    rows = {
+        "providers": [facts.provider for facts in batch],
+        "event_keys": [facts.event_key for facts in batch],
+        "event_types": [facts.event_type for facts in batch],
+        "payment_ids": [facts.provider_payment_id for facts in batch],
+        "payloads": [json.dumps(facts.payload) for facts in batch],
+    }
+    inserted = {(row.provider, row.event_key): row.id for row in connection.execute(_RECORD_MANY, rows)}
+    known = dict(inserted)
+    if missing := sorted({(facts.provider, facts.event_key) for facts in batch} - inserted.keys()):
+        keys = {"providers": [provider for provider, _ in missing], "event_keys": [key for _, key in missing]}
+        known |= {(row.provider, row.event_key): row.id for row in connection.execute(_FIND_MANY, keys)}
+    answers, seen = [], set()
+    for facts in batch:
+        key = (facts.provider, facts.event_key)
+        answers.append((known[key], key not in inserted or key in seen))
+        seen.add(key)
+    return answers
 
 
 def mark_published(session: Session, event_ids: list[int]) -> None:
@@ -250,8 +307,9 @@ def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
     statements however many there are: the common case of a Stripe event
     about a payment found by its PaymentIntent id. Returns the status of each
     event it settled (or found settled); an event it leaves out (Monetbil's,
-    a payment not found that way, a second event about the same order) is
-    untouched, for apply_event on its own. Each event is applied once either
+    a payment not found that way, a second event about the same order, one
+    that releases stock or sells it without a reservation) is untouched, for
+    apply_event on its own. Each event is applied once either
     way: its verdict is written in the same transaction as its effects."""
     connection = session.connection()
     locked = connection.execute(_LOCK_EVENTS, {"event_ids": sorted(set(event_ids))}).all()
@@ -279,9 +337,10 @@ def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
         verdicts[event.id] = ("processed", payment.id)
         reason = f"{event.provider} {event.event_type}"
         changes.append(PaymentChange(payment, target.status, reason, event.id, target.final))
+    declined = {change.event_id for change in apply_payment_changes(session, changes, batched=True)}
+    verdicts = {event_id: verdict for event_id, verdict in verdicts.items() if event_id not in declined}
     if verdicts:
         _settle_many(session, verdicts)
-    apply_payment_changes(session, changes)
     return settled | {event_id: status for event_id, (status, _) in verdicts.items()}
 
 

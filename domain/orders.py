@@ -201,22 +201,31 @@ def apply_payment_status(
     """Move one locked payment toward `target` (see apply_payment_changes).
     Returns False (and changes nothing) when the move would go backwards or
     nowhere: a replay or a late event."""
-    change = PaymentChange(payment, target, reason, event_id, final_failure)
-    moved = apply_payment_changes(session, [change])
-    if moved and isinstance(payment, Payment):
+    steps = payments.path_to(payment.status, target)
+    if not steps:
+        return False
+    apply_payment_changes(session, [PaymentChange(payment, target, reason, event_id, final_failure)])
+    if isinstance(payment, Payment):
         # An ORM caller's object shows the new status, without a flush that
         # would write it a second time.
-        set_committed_value(payment, "status", moved[0])
-    return bool(moved)
+        set_committed_value(payment, "status", steps[-1])
+    return True
 
 
-def apply_payment_changes(session: Session, changes: Sequence[PaymentChange]) -> list[str]:
+def apply_payment_changes(
+    session: Session, changes: Sequence[PaymentChange], *, batched: bool = False
+) -> list[PaymentChange]:
     """Move locked payments toward their targets and apply what that means
     for their orders (locked here, after the payments) and stock: a handful
     of statements however many payments move. Each change must be for a
-    different order. Returns the new status of each payment that moved; a
-    move that would go backwards or nowhere (a replay, a late event) changes
-    nothing."""
+    different order. A move that would go backwards or nowhere (a replay, a
+    late event) changes nothing.
+
+    `batched` (several events in one transaction) declines, and returns
+    untouched, every change that would lock product rows before the end (a
+    release, a sale without a reservation): a batch then locks products only
+    in its last statement, in SKU order, and two batches never deadlock. The
+    caller applies those alone."""
     planned = [
         (change, steps)
         for change in changes
@@ -235,6 +244,16 @@ def apply_payment_changes(session: Session, changes: Sequence[PaymentChange]) ->
         if steps[0] == "succeeded" and was[c.payment.order_id] == "pending_payment"
     ]
     consumed = stock.consume_reservations(session, paying)
+    declined = []
+    if batched:
+        declined = [
+            change
+            for change, steps in planned
+            if _moves_stock_midway(change, steps[0], was[change.payment.order_id], consumed)
+        ]
+        planned = [(change, steps) for change, steps in planned if change not in declined]
+        if not planned:
+            return declined
     all_moves: list[_Moves] = []
     payment_moves: dict[uuid.UUID, str] = {}
     order_moves: dict[uuid.UUID, str] = {}
@@ -258,7 +277,19 @@ def apply_payment_changes(session: Session, changes: Sequence[PaymentChange]) ->
     _LOG_TRANSITIONS.run(connection, [row for moves in all_moves for row in moves.transitions])
     # Products last, so a popular SKU's row is held only until the commit.
     stock.sell_reserved(session, [(str(m.order_id), sku, n) for m in all_moves for sku, n in m.sold])
-    return list(payment_moves.values())
+    return declined
+
+
+def _moves_stock_midway(
+    change: PaymentChange, first_step: str, order_status: str, consumed: dict[uuid.UUID, list[stock.Line]]
+) -> bool:
+    """Whether a change's effect locks product rows as it runs (see the
+    effects below): a release, or a sale of units no reservation holds."""
+    if first_step == "succeeded":
+        reserved = order_status == "pending_payment" and bool(consumed.get(change.payment.order_id))
+        return order_status in _UNFILLED and not reserved
+    releases = first_step == "canceled" or (first_step == "failed" and change.final_failure)
+    return releases and order_status == "pending_payment"
 
 
 def _on_succeeded(session: Session, moves: _Moves, reason: str) -> None:

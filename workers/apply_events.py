@@ -15,9 +15,9 @@ from domain import events
 from domain.errors import ConfirmationNeeded
 from domain.gateways import MonetbilApiGateway, MonetbilCheck
 from payfleet.platform.config import Settings
+from payfleet.platform.group_commit import GroupCommit
 from payfleet.platform.publishing import APPLY_EVENT, PAYMENTS_QUEUE
 from workers import metrics
-from workers.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,10 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
         settings.monetbil_service_key, settings.monetbil_api_base, timeout=settings.monetbil_timeout_seconds
     )
 
-    def apply_batch(event_ids: Sequence[int]) -> dict[int, str]:
+    def apply_batch(event_ids: Sequence[int]) -> list[str | None]:
         with sessions.begin() as session:
-            return events.apply_events(session, event_ids)
+            settled = events.apply_events(session, event_ids)
+        return [settled.get(event_id) for event_id in event_ids]
 
     # The events this process's actor threads are given at about the same
     # time are applied in one transaction: a handful of statements and one

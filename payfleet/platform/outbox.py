@@ -7,76 +7,133 @@ scheduler publishes it later."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
+import time
+from collections.abc import Sequence
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
-from domain.events import EventFacts, mark_published, record_event, reopen
+from domain.events import EventFacts, mark_published, record_event, record_events, reopen
 from domain.job_table import JobTable
+from payfleet.platform.group_commit import GroupCommit
 from payfleet.platform.publishing import Publisher, run_message
 
 log = logging.getLogger(__name__)
 
 
-class PublishedMarks:
-    """Marks published events in the background, many per UPDATE, so the
-    request that published them does not pay a second transaction. Marks
-    wait in memory for milliseconds; one lost with its process, or with
-    PostgreSQL, only means the relay publishes the event once more, which
-    the worker treats as a duplicate."""
+class Outbound:
+    """Publishes stored events in the background, right after their commit,
+    and marks the confirmed ones published, many per UPDATE. The request
+    that stored an event answers without waiting for RabbitMQ (its 2xx means
+    committed, which is the promise): it pays neither a confirm round trip
+    nor a second transaction. An event this never confirms (a broker outage,
+    a process killed in between) keeps `published_at` empty and the relay
+    publishes it after its grace period; a lost mark only means one more
+    publish, which the worker treats as a duplicate."""
 
-    BATCH = 500
+    # A slice is sent well inside the publisher's deadline (a deadline is
+    # for a broker that hangs, not for a long batch).
+    SLICE = 32
+    # Confirms waited for side by side: RabbitMQ confirms a persistent
+    # message once it is on disk, and one publisher after another would
+    # each wait out a disk write (the publisher needs as many threads).
+    THREADS = 8
+    MARK_EVERY = 0.05
+    MARK_BATCH = 2000
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher) -> None:
         self._sessions = sessions
+        self._publisher = publisher
         self._waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._confirmed: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     def add(self, event_id: int) -> None:
         self._waiting.put(event_id)
         with self._lock:
             # Started on first use: in a gunicorn worker, after the fork.
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="published-marks", daemon=True)
-                self._thread.start()
+            if not self._threads:
+                self._threads = [
+                    threading.Thread(target=self._run, name=f"outbound-{n}", daemon=True)
+                    for n in range(self.THREADS)
+                ]
+                self._threads.append(threading.Thread(target=self._mark, name="published-marks", daemon=True))
+                for thread in self._threads:
+                    thread.start()
 
     def _run(self) -> None:
         while True:
             ids = [self._waiting.get()]
-            # Whatever came in while the last UPDATE ran goes into this one.
-            while len(ids) < self.BATCH:
+            # Whatever came in while the last batch went out goes into this one.
+            while len(ids) < self.SLICE:
                 try:
                     ids.append(self._waiting.get_nowait())
                 except queue.Empty:
                     break
+            # Any error: this thread must live on, or every later event would
+            # be left to the relay.
+            try:
+                confirmed = self._publisher.send_events(ids)
+            except Exception as error:
+                log.warning("publishing events %s failed (the relay will publish them): %s", ids, error)
+                continue
+            for event_id in confirmed:
+                self._confirmed.put(event_id)
+
+    def _mark(self) -> None:
+        while True:
+            ids = [self._confirmed.get()]
+            # Marks wait a moment to share an UPDATE: one per MARK_EVERY
+            # seconds at most, instead of one per webhook when they are few.
+            time.sleep(self.MARK_EVERY)
+            with contextlib.suppress(queue.Empty):
+                while len(ids) < self.MARK_BATCH:
+                    ids.append(self._confirmed.get_nowait())
             try:
                 with self._sessions.begin() as session:
                     mark_published(session, ids)
             # Any error: this thread must live on, or every later event would
-            # be left to the relay.
+            # be published again by the relay.
             except Exception as error:
                 log.warning(
                     "events %s published but not marked (the relay will publish them again): %s", ids, error
                 )
 
 
+# Stores at once what request threads bring together: a handful of webhooks
+# arriving side by side pay one INSERT and one commit.
+STORE_BATCH_MAX = 64
+
+
 class EventInbox:
     def __init__(self, sessions: sessionmaker[Session], publisher: Publisher) -> None:
         self._sessions = sessions
         self._publisher = publisher
-        self._marks = PublishedMarks(sessions)
+        self._outbound = Outbound(sessions, publisher)
+        self._stores = GroupCommit(self._store, max_size=STORE_BATCH_MAX, linger=0.0, name="event-inbox")
 
     def accept(self, facts: EventFacts) -> bool:
-        """Store and publish one event; returns whether it was a duplicate."""
-        with self._sessions.begin() as session:
-            event_id, duplicate = record_event(session, facts)
+        """Store an event (committed when this returns) and have it published;
+        returns whether it was a duplicate."""
+        try:
+            event_id, duplicate = self._stores.call(facts)
+        except Exception:
+            # One bad event fails its whole batch: each is stored alone, so
+            # the error is its own (and answered as such), the others stored.
+            with self._sessions.begin() as session:
+                event_id, duplicate = record_event(session, facts)
         if not duplicate:
-            self._publish(event_id)
+            self._outbound.add(event_id)
         return duplicate
+
+    def _store(self, batch: Sequence[EventFacts]) -> list[tuple[int, bool]]:
+        with self._sessions.begin() as session:
+            return record_events(session, batch)
 
     def replay(self, event_id: int) -> bool:
         """Reopen an unmatched, failed or ignored event and publish it again;
@@ -89,10 +146,6 @@ class EventInbox:
         with self._sessions.begin() as session:
             mark_published(session, [event_id])
         return True
-
-    def _publish(self, event_id: int) -> None:
-        if self._publisher.send_events([event_id]):
-            self._marks.add(event_id)
 
 
 def start_manual_run(

@@ -8,13 +8,18 @@ or the scheduler) if it never is."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pika
+import pika.exceptions
 from dramatiq import Broker, Message
+from dramatiq.errors import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +56,25 @@ class Publisher:
     With a `deadline` (an HTTP request must not hang on a dead broker), a
     caller waits at most that long: publishing runs on one thread of its own
     (pika connections are per thread), so a publish stuck on a hung network
-    can be abandoned and the request still answers once its row is stored.
+    can be abandoned and the caller goes on (with `threads`, several
+    publishes are in flight at once, each on its own connection).
     After a failure or a deadline, publishing pauses for `pause` seconds:
     callers return at once (their rows are left to the relay) instead of
     each waiting out the deadline behind a broker that is away, and the
     first call after the pause tries again."""
 
-    def __init__(self, broker: Broker, *, deadline: float | None = None, pause: float = 0.0) -> None:
+    def __init__(
+        self, broker: Broker, *, deadline: float | None = None, pause: float = 0.0, threads: int = 1
+    ) -> None:
         self._broker = broker
         self._deadline = deadline
         self._pause = pause
         self._paused_until = 0.0
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="publisher") if deadline else None
+        # Each thread has its own connection (Dramatiq's are per thread), so
+        # several publishes wait for their confirms at once.
+        self._thread = ThreadPoolExecutor(threads, thread_name_prefix="publisher") if deadline else None
+        self._local = threading.local()
+        self._parameters = getattr(broker, "parameters", None)
 
     @property
     def paused(self) -> bool:
@@ -95,6 +107,8 @@ class Publisher:
         return self.send([(event_id, apply_event_message(event_id)) for event_id in event_ids])
 
     def _send(self, messages: Sequence[tuple[int, Message[Any]]]) -> list[int]:
+        if len(messages) > 1:
+            return self._send_transacted(messages)
         sent: list[int] = []
         for key, message in messages:
             try:
@@ -108,6 +122,56 @@ class Publisher:
                 break
             sent.append(key)
         return sent
+
+    def _send_transacted(self, messages: Sequence[tuple[int, Message[Any]]]) -> list[int]:
+        """Many messages in one AMQP transaction: RabbitMQ answers the commit
+        once all of them are safely queued (persistent messages on disk), so
+        one wait covers them all where a confirm per message would wait out
+        RabbitMQ's disk write once per message. All or none: a failure leaves
+        every one of them to a later publish."""
+        for attempt in range(2):
+            try:
+                for queue_name in {message.queue_name for _, message in messages}:
+                    # Declared once per process through the broker (a no-op after).
+                    self._broker.declare_queue(queue_name, ensure=True)  # type: ignore[call-arg]
+                channel = self._transaction_channel()
+                for _, message in messages:
+                    self._broker.emit_before("enqueue", message, None)
+                    properties = pika.BasicProperties(
+                        delivery_mode=2, priority=message.options.get("broker_priority")
+                    )
+                    channel.basic_publish("", message.queue_name, message.encode(), properties)
+                channel.tx_commit()
+            except Exception as error:
+                self._drop_transaction_channel()
+                # A connection that died while idle (missed heartbeats) is
+                # renewed once; anything else stops here.
+                if attempt == 0 and isinstance(error, pika.exceptions.AMQPError | ConnectionClosed):
+                    continue
+                log.warning("publishing %d message(s) failed: %s", len(messages), error)
+                self._pause_publishing()
+                return []
+            for _, message in messages:
+                self._broker.emit_after("enqueue", message, None)
+            return [key for key, _ in messages]
+        return []
+
+    def _transaction_channel(self) -> Any:
+        # pika connections are not shared between threads: one per thread.
+        channel = getattr(self._local, "channel", None)
+        if channel is None or not channel.is_open:
+            connection = pika.BlockingConnection(self._parameters)
+            channel = connection.channel()
+            channel.tx_select()
+            self._local.connection, self._local.channel = connection, channel
+        return channel
+
+    def _drop_transaction_channel(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = self._local.channel = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
 
     def _pause_publishing(self) -> None:
         if self._pause > 0 and not self.paused:
