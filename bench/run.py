@@ -43,12 +43,28 @@ def _parser() -> argparse.ArgumentParser:
     add("--apply-events", type=int)
     add("--expire-orders", type=int)
     add("--expire-slow-orders", type=int, help="orders of the rate-limited and 50 ms variants")
+    add(
+        "--expire-variant",
+        action="append",
+        type=_variant,
+        dest="expire_variants",
+        metavar="LATENCY_MS:RPS",
+        help="repeatable, e.g. 0:100000 (unlimited); default: the scale's variants",
+    )
     add("--backlog-events", type=int)
     add("--relay-interval", type=float, help="OUTBOX_RELAY_INTERVAL_SECONDS for backlog and outage")
     add("--outage-cut", type=float)
     add("--soak-seconds", type=float)
     add("--soak-rate", type=float)
     return parser
+
+
+def _variant(text: str) -> tuple[int, int]:
+    latency, _, rps = text.partition(":")
+    try:
+        return int(latency), int(rps)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LATENCY_MS:RPS, got {text!r}") from None
 
 
 def _params(args: argparse.Namespace) -> Params:
@@ -62,6 +78,7 @@ def _params(args: argparse.Namespace) -> Params:
             "apply_events",
             "expire_orders",
             "expire_slow_orders",
+            "expire_variants",
             "backlog_events",
             "relay_interval",
             "outage_cut",
@@ -70,6 +87,8 @@ def _params(args: argparse.Namespace) -> Params:
         )
         if getattr(args, name) is not None
     }
+    if "expire_variants" in overrides:
+        overrides["expire_variants"] = tuple(overrides["expire_variants"])
     return replace(params, **overrides)
 
 

@@ -3,6 +3,8 @@ the configuration once and wires the broker, the database and the actors."""
 
 from __future__ import annotations
 
+import logging
+
 import dramatiq
 
 from payfleet.platform.broker import build_broker
@@ -10,6 +12,11 @@ from payfleet.platform.config import load_settings
 from payfleet.platform.db import make_engine, make_sessions
 from workers.apply_events import declare_event_actors
 from workers.job_runner import declare_job_actors, job_gateways
+
+# The stripe library logs two INFO lines per API call; in a worker each line
+# also crosses a pipe to Dramatiq's parent process. Its failures reach us as
+# exceptions, which the jobs log and count.
+logging.getLogger("stripe").setLevel(logging.WARNING)
 
 settings = load_settings()
 broker = build_broker(settings, metrics=True)

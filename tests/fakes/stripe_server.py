@@ -153,7 +153,8 @@ _BOOL_STRINGS = {"true": True, "false": False}
 
 
 def _rand(n: int) -> str:
-    return "".join(secrets.choice(_ALNUM) for _ in range(n))
+    # One read of the OS's randomness per id (not one per character).
+    return "".join(_ALNUM[byte % len(_ALNUM)] for byte in secrets.token_bytes(n))
 
 
 # --------------------------------------------------------------------------- form parsing
@@ -307,6 +308,11 @@ def _default_error_type(status: int) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "FakeStripe/1.0"
     sys_version = ""
+    # Like Stripe: HTTP/1.1, so the library's connections are kept alive
+    # between requests (every answer carries its Content-Length), and each
+    # answer leaves at once rather than behind Nagle's algorithm.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     server: LoopbackHTTPServer  # the loopback server; its .fake is the owning fake
 
     def do_GET(self) -> None:
@@ -321,6 +327,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(min(length, MAX_BODY)) if length > 0 else b""
+        if length > MAX_BODY:
+            self.close_connection = True  # the rest of that body is never read
         headers = {k: v for k, v in self.headers.items()}
         answer, delay = self.server.fake._dispatch(self.command, self.path, headers, body)
         if delay > 0:

@@ -6,6 +6,8 @@ what the library does against each fault control.
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -333,6 +335,24 @@ def test_delay_makes_the_client_time_out_but_the_request_is_applied(fake: FakeSt
     fake.delay(None)
     replay = _create(impatient, "slow-1")
     assert list(fake.payment_intents) == [replay.id]
+
+
+def test_a_connection_is_kept_alive_across_requests(fake: FakeStripe) -> None:
+    # Like Stripe: HTTP/1.1, so the library's session reuses its connection.
+    fake.add_payment_intent(id="pi_alive")
+    connection = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    headers = {"Authorization": "Bearer sk_test_x"}
+    try:
+        answers = []
+        for _ in range(2):
+            connection.request("GET", "/v1/payment_intents/pi_alive", headers=headers)
+            answer = connection.getresponse()
+            answers.append((answer.version, answer.status, json.loads(answer.read())["id"]))
+            socket_used = connection.sock
+            assert socket_used is not None  # not closed by the server
+        assert answers == [(11, 200, "pi_alive")] * 2
+    finally:
+        connection.close()
 
 
 def test_concurrent_requests_are_safe(fake: FakeStripe) -> None:
