@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from payfleet.platform.config import Settings
-from payfleet.platform.db import migrate
 from payfleet.platform.publishing import QUEUES
 
 
@@ -50,6 +49,8 @@ def _scheduler(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from payfleet.platform.db import migrate
+
     migrate(settings.database_url)
     print("database migrated to the latest revision")
     return 0
@@ -58,7 +59,7 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 def _up(settings: Settings, args: argparse.Namespace) -> int:
     """The whole fleet in the foreground: migrate, then ingress, worker and
     scheduler as child processes. Ctrl-C (or any child dying) stops them all."""
-    migrate(settings.database_url)
+    _migrate(settings, args)
     me = [sys.executable, "-m", "payfleet.cli"]
     children = [
         subprocess.Popen([*me, "ingress", "--bind", args.bind]),
