@@ -20,7 +20,7 @@ from ingress.webhooks import MonetbilWebhook, StripeWebhook
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, load_settings
 from payfleet.platform.db import make_engine, make_sessions
-from payfleet.platform.outbox import EventInbox, Outbound
+from payfleet.platform.outbox import EventInbox
 from payfleet.platform.publishing import Publisher
 
 
@@ -84,10 +84,7 @@ def collaborators(settings: Settings) -> Collaborators:
         engine=engine,
         sessions=make_sessions(engine),
         publisher=Publisher(
-            broker,
-            deadline=settings.publish_timeout_seconds,
-            pause=settings.publish_pause_seconds,
-            threads=Outbound.THREADS,
+            broker, deadline=settings.publish_timeout_seconds, pause=settings.publish_pause_seconds
         ),
         stripe=StripeApiGateway(
             settings.stripe_api_key, settings.stripe_api_base, timeout=settings.stripe_timeout_seconds

@@ -402,7 +402,7 @@ def test_an_event_signed_with_any_configured_secret_is_accepted(client, sessions
     assert result.status_code == 200, result.text
     assert result.json == {"received": True, "duplicate": False}
     assert event_rows(sessions, event_id_of(body)) == 1
-    assert queue_depth(settings.broker_url) == 1
+    eventually(lambda: queue_depth(settings.broker_url) == 1)  # published just after the answer
 
 
 # --- 3 and 4. duplicates, sequential and racing -----------------------------------------------
@@ -436,6 +436,8 @@ def test_ten_concurrent_deliveries_of_one_event_store_and_publish_it_once(app, s
     assert [a.status_code for a in answers] == [200] * 10, [a.text for a in answers]
     assert sorted(a.json["duplicate"] for a in answers) == [False] + [True] * 9
     assert event_rows(sessions) == 1
+    # Marked published in the background, a moment after the answer.
+    eventually(lambda: event_column(sessions, event_id_of(body), "published_at") is not None)
     assert queue_depth(settings.broker_url) == 1
 
 
@@ -453,7 +455,8 @@ def test_postgresql_down_answers_503_then_the_retry_is_accepted(proxied, session
 
     assert_error(refused, 503, {"database_unavailable"})
     assert event_rows(sessions, event_id_of(body)) == 0
-    assert queue_depth(settings.broker_url) == 1  # the warm-up's message only
+    # The warm-up's message only (published in the background, just after its answer).
+    eventually(lambda: queue_depth(settings.broker_url) == 1)
 
     proxy.restore()
     retried = deliver(client, body)
@@ -461,7 +464,7 @@ def test_postgresql_down_answers_503_then_the_retry_is_accepted(proxied, session
     assert retried.status_code == 200, retried.text
     assert retried.json == {"received": True, "duplicate": False}
     assert event_rows(sessions, event_id_of(body)) == 1
-    assert queue_depth(settings.broker_url) == 2
+    eventually(lambda: queue_depth(settings.broker_url) == 2)
 
 
 # --- 6. RabbitMQ down or hung: stored, answered 200, relayed later ---------------------------
@@ -548,8 +551,10 @@ def test_a_hung_broker_does_not_hang_the_webhook(proxied, sessions, settings, wa
         assert event_column(sessions, key, "published_at") is None
 
         proxy.restore()
-        assert relay_through(through_proxy.settings, sessions) == 1
-        assert event_column(sessions, key, "published_at") is not None
+        # The relay publishes it, unless the ingress's own publish, stuck on
+        # the hung network, got through first once it was back.
+        assert relay_through(through_proxy.settings, sessions) <= 1
+        eventually(lambda: event_column(sessions, key, "published_at") is not None)
         # At least one message per stored event. A publish the webhook gave up
         # on may still land once the network is back (a duplicate message,
         # which the design allows: the worker ignores a processed event).
@@ -593,7 +598,9 @@ def test_while_rabbitmq_is_away_every_webhook_is_answered_within_a_second(proxie
     # The ingress publishes after answering; what it could not while
     # RabbitMQ was away, the relay does: every event reaches the queue.
     relay_through(through_proxy.settings, sessions)
-    assert all(event_column(sessions, key, "published_at") is not None for key in keys)
+    # The relay skips rows the ingress is marking at that moment: those are
+    # marked by the ingress itself, a moment later.
+    eventually(lambda: all(event_column(sessions, key, "published_at") is not None for key in keys))
     assert queue_depth(settings.broker_url) >= len(bodies) + 1
 
 

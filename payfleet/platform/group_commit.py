@@ -7,7 +7,8 @@ a batch waits up to that long for every thread seen calling lately: a
 worker's actor threads are back with their next message a moment after
 their batch ends, and without the wait they split into two half-size
 batches that take turns. A batch that raises hands the error to each of its
-callers, who then do their work alone.
+callers, who then do their work alone. Without a linger, a call that finds
+the group idle runs in its caller's thread.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class GroupCommit(Generic[T, R]):
         self._callers: dict[int, float] = {}
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._running = False
 
     def call(self, item: T) -> R:
         """The batch's result for `item` (run_batch answers its items in
@@ -54,19 +56,37 @@ class GroupCommit(Generic[T, R]):
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._thread.start()
             self._callers[threading.get_ident()] = time.monotonic()
-            self._queued.append((item, future))
-            self._wakeup.notify()
-        return future.result()
+            # Without a linger, a call that finds nothing running or waiting
+            # runs here, as a batch of one: no hand-over to the thread and back.
+            alone = self._linger == 0 and not self._running and not self._queued
+            if alone:
+                self._running = True
+            else:
+                self._queued.append((item, future))
+                self._wakeup.notify_all()
+        if not alone:
+            return future.result()
+        try:
+            return self._run_batch([item])[0]
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._wakeup:
+            self._running = False
+            self._wakeup.notify_all()
 
     def _take(self) -> list[tuple[T, Future[R]]]:
         with self._wakeup:
-            self._wakeup.wait_for(lambda: bool(self._queued))
+            # One batch at a time: the next gathers while one runs.
+            self._wakeup.wait_for(lambda: bool(self._queued) and not self._running)
             recent = time.monotonic() - _CALLER_SEEN_SECONDS
             self._callers = {ident: seen for ident, seen in self._callers.items() if seen > recent}
             if self._linger > 0:
                 expected = min(len(self._callers), self._max_size)
                 self._wakeup.wait_for(lambda: len(self._queued) >= expected, timeout=self._linger)
             batch, self._queued = self._queued[: self._max_size], self._queued[self._max_size :]
+            self._running = True
             return batch
 
     def _serve(self) -> None:
@@ -79,5 +99,7 @@ class GroupCommit(Generic[T, R]):
                 for _, future in batch:
                     future.set_exception(error)
                 continue
+            finally:
+                self._done()
             for (_, future), result in answers:
                 future.set_result(result)

@@ -35,13 +35,15 @@ class Outbound:
     publishes it after its grace period; a lost mark only means one more
     publish, which the worker treats as a duplicate."""
 
-    # A slice is sent well inside the publisher's deadline (a deadline is
-    # for a broker that hangs, not for a long batch).
+    # Messages per AMQP transaction.
     SLICE = 32
-    # Confirms waited for side by side: RabbitMQ confirms a persistent
-    # message once it is on disk, and one publisher after another would
-    # each wait out a disk write (the publisher needs as many threads).
-    THREADS = 8
+    # Two publishers, each on its own connection, so one transaction is
+    # being written while the other waits for RabbitMQ's disk; each takes
+    # what gathered in GATHER seconds. A thread stuck on a hung broker holds
+    # up only itself until pika gives up (and publishing pauses); the relay
+    # has the events meanwhile.
+    THREADS = 2
+    GATHER = 0.01
     MARK_EVERY = 0.05
     MARK_BATCH = 2000
 
@@ -69,7 +71,9 @@ class Outbound:
     def _run(self) -> None:
         while True:
             ids = [self._waiting.get()]
-            # Whatever came in while the last batch went out goes into this one.
+            # A moment for company: a transaction of many costs about what
+            # one of one does, and nothing waits for this but the worker.
+            time.sleep(self.GATHER)
             while len(ids) < self.SLICE:
                 try:
                     ids.append(self._waiting.get_nowait())
@@ -78,7 +82,7 @@ class Outbound:
             # Any error: this thread must live on, or every later event would
             # be left to the relay.
             try:
-                confirmed = self._publisher.send_events(ids)
+                confirmed = self._publisher.send_events(ids, background=True)
             except Exception as error:
                 log.warning("publishing events %s failed (the relay will publish them): %s", ids, error)
                 continue

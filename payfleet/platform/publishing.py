@@ -56,23 +56,18 @@ class Publisher:
     With a `deadline` (an HTTP request must not hang on a dead broker), a
     caller waits at most that long: publishing runs on one thread of its own
     (pika connections are per thread), so a publish stuck on a hung network
-    can be abandoned and the caller goes on (with `threads`, several
-    publishes are in flight at once, each on its own connection).
+    can be abandoned and the caller goes on.
     After a failure or a deadline, publishing pauses for `pause` seconds:
     callers return at once (their rows are left to the relay) instead of
     each waiting out the deadline behind a broker that is away, and the
     first call after the pause tries again."""
 
-    def __init__(
-        self, broker: Broker, *, deadline: float | None = None, pause: float = 0.0, threads: int = 1
-    ) -> None:
+    def __init__(self, broker: Broker, *, deadline: float | None = None, pause: float = 0.0) -> None:
         self._broker = broker
         self._deadline = deadline
         self._pause = pause
         self._paused_until = 0.0
-        # Each thread has its own connection (Dramatiq's are per thread), so
-        # several publishes wait for their confirms at once.
-        self._thread = ThreadPoolExecutor(threads, thread_name_prefix="publisher") if deadline else None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="publisher") if deadline else None
         self._local = threading.local()
         self._parameters = getattr(broker, "parameters", None)
 
@@ -103,8 +98,14 @@ class Publisher:
         self._pause_publishing()
         return []
 
-    def send_events(self, event_ids: Sequence[int]) -> list[int]:
-        return self.send([(event_id, apply_event_message(event_id)) for event_id in event_ids])
+    def send_events(self, event_ids: Sequence[int], *, background: bool = False) -> list[int]:
+        """`background`: the caller publishes in the background and may wait
+        out a hung broker itself (nothing waits for it), so the publish runs
+        in its own thread, without the deadline's hand-over and back."""
+        messages = [(event_id, apply_event_message(event_id)) for event_id in event_ids]
+        if background:
+            return [] if self.paused else self._send(messages)
+        return self.send(messages)
 
     def _send(self, messages: Sequence[tuple[int, Message[Any]]]) -> list[int]:
         if len(messages) > 1:
