@@ -367,14 +367,9 @@ def _settle(
 ) -> str:
     """The event's verdict, in the same transaction as its effects; its
     attempt is counted (a retried attempt is counted by record_failed_attempt)."""
-    session.connection().execute(_SETTLE, _verdict(event_id, status, payment_id, error))
+    verdict = {"event_id": event_id, "new_status": status, "found": payment_id, "error": error}
+    session.connection().execute(_SETTLE, verdict)
     return status
-
-
-def _verdict(
-    event_id: int, status: str, payment_id: uuid.UUID | None = None, error: str | None = None
-) -> dict[str, Any]:
-    return {"event_id": event_id, "new_status": status, "found": payment_id, "error": error}
 
 
 def _settle_many(session: Session, verdicts: dict[int, tuple[str, uuid.UUID | None]]) -> None:

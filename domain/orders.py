@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, select, text
+from sqlalchemy import Table, TextClause, bindparam, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -139,18 +139,20 @@ _LOCK_ORDERS = (
     .order_by(_ORDERS.c.id)
     .with_for_update()
 )
-# One UPDATE for every row of a kind, the new statuses passed as arrays (an
-# executemany costs a statement's work per row, in the client and the server).
-_SET_PAYMENTS = text(
-    "UPDATE payments SET status = moved.status, updated_at = now()"
-    " FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[])) AS moved (id, status)"
-    " WHERE payments.id = moved.id"
-)
-_SET_ORDERS = text(
-    "UPDATE orders SET status = moved.status, updated_at = now()"
-    " FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[])) AS moved (id, status)"
-    " WHERE orders.id = moved.id"
-)
+
+
+def _set_statuses(table: str) -> TextClause:
+    """One UPDATE for every row of a kind, the new statuses passed as arrays
+    (an executemany costs a statement's work per row, client and server)."""
+    return text(
+        f"UPDATE {table} SET status = moved.status, updated_at = now()"
+        " FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[])) AS moved (id, status)"
+        f" WHERE {table}.id = moved.id"
+    )
+
+
+_SET_PAYMENTS = _set_statuses("payments")
+_SET_ORDERS = _set_statuses("orders")
 _LOG_TRANSITIONS = BulkInsert(
     _TRANSITIONS, ("order_id", "subject", "from_status", "to_status", "reason", "event_id")
 )

@@ -72,32 +72,34 @@ def available(session: Session, sku: str) -> int:
     return int(row[0])
 
 
-def _close_reservations(session: Session, order_id: uuid.UUID, status: str) -> list[Line]:
-    """Move the order's active reservations to `status`, once: a second call
-    finds none active and returns nothing."""
-    rows = session.connection().execute(_CLOSE_RESERVATIONS, {"reserved_for": order_id, "new_status": status})
-    return sorted((sku, quantity) for sku, quantity in rows)
+def _close_reservations(
+    session: Session, order_ids: Sequence[uuid.UUID], status: str
+) -> dict[uuid.UUID, list[Line]]:
+    """Move the orders' active reservations to `status`, once, in one
+    statement: a second call finds none active and returns nothing. Returns
+    each order's closed lines, sorted."""
+    if not order_ids:
+        return {}
+    params = {"order_ids": list(order_ids), "new_status": status}
+    closed: dict[uuid.UUID, list[Line]] = {}
+    for order_id, sku, quantity in session.connection().execute(_CLOSE_RESERVATIONS, params):
+        closed.setdefault(order_id, []).append((sku, quantity))
+    return {order_id: sorted(lines) for order_id, lines in closed.items()}
 
 
 def release(session: Session, order_id: uuid.UUID) -> list[Line]:
     """Give the order's reserved units back to the shelf."""
-    released = _close_reservations(session, order_id, "released")
+    released = _close_reservations(session, [order_id], "released").get(order_id, [])
     for sku, quantity in released:
         _change(session, sku, reserved=-quantity)
     return released
 
 
 def consume_reservations(session: Session, order_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Line]]:
-    """Close the orders' active reservations for a sale, in one statement
-    (once: a second call finds none); the units leave the shelf with
-    `sell_reserved`. Returns each order's consumed lines, sorted."""
-    if not order_ids:
-        return {}
-    rows = session.connection().execute(_CONSUME_RESERVATIONS, {"order_ids": list(order_ids)})
-    consumed: dict[uuid.UUID, list[Line]] = {}
-    for order_id, sku, quantity in rows:
-        consumed.setdefault(order_id, []).append((sku, quantity))
-    return {order_id: sorted(lines) for order_id, lines in consumed.items()}
+    """Close the orders' active reservations for a sale (once: a second call
+    finds none); the units leave the shelf with `sell_reserved`. Returns each
+    order's consumed lines, sorted."""
+    return _close_reservations(session, order_ids, "consumed")
 
 
 def sell_reserved(session: Session, sold: Iterable[tuple[str, str, int]]) -> None:
@@ -207,17 +209,11 @@ _LOCK_PRODUCTS = (
 )
 _CLOSE_RESERVATIONS = (
     update(_RESERVATIONS)
-    .where(_RESERVATIONS.c.order_id == bindparam("reserved_for"), _RESERVATIONS.c.status == "active")
-    .values(status=bindparam("new_status"), closed_at=func.now())
-    .returning(_RESERVATIONS.c.sku, _RESERVATIONS.c.quantity)
-)
-_CONSUME_RESERVATIONS = (
-    update(_RESERVATIONS)
     .where(
         _RESERVATIONS.c.order_id.in_(bindparam("order_ids", expanding=True)),
         _RESERVATIONS.c.status == "active",
     )
-    .values(status="consumed", closed_at=func.now())
+    .values(status=bindparam("new_status"), closed_at=func.now())
     .returning(_RESERVATIONS.c.order_id, _RESERVATIONS.c.sku, _RESERVATIONS.c.quantity)
 )
 _RECORD_MOVEMENT = insert(_MOVEMENTS)

@@ -55,7 +55,8 @@ class GroupCommit(Generic[T, R]):
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._thread.start()
-            self._callers[threading.get_ident()] = time.monotonic()
+            if self._linger > 0:
+                self._callers[threading.get_ident()] = time.monotonic()
             # Without a linger, a call that finds nothing running or waiting
             # runs here, as a batch of one: no hand-over to the thread and back.
             alone = self._linger == 0 and not self._running and not self._queued
@@ -80,9 +81,9 @@ class GroupCommit(Generic[T, R]):
         with self._wakeup:
             # One batch at a time: the next gathers while one runs.
             self._wakeup.wait_for(lambda: bool(self._queued) and not self._running)
-            recent = time.monotonic() - _CALLER_SEEN_SECONDS
-            self._callers = {ident: seen for ident, seen in self._callers.items() if seen > recent}
             if self._linger > 0:
+                recent = time.monotonic() - _CALLER_SEEN_SECONDS
+                self._callers = {ident: seen for ident, seen in self._callers.items() if seen > recent}
                 expected = min(len(self._callers), self._max_size)
                 self._wakeup.wait_for(lambda: len(self._queued) >= expected, timeout=self._linger)
             batch, self._queued = self._queued[: self._max_size], self._queued[self._max_size :]
