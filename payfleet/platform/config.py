@@ -70,6 +70,19 @@ class Settings:
     job_time_limit_seconds: float = 600.0
     notification_max_attempts: int = 4
     notification_retry_delays_seconds: tuple[float, ...] = (30.0, 120.0, 600.0)
+    # Session bounds (issue 9): a vanished client or a stuck statement must
+    # not hold row locks for long; all well under the 60 s actor time limit.
+    db_lock_timeout_seconds: float = 5.0
+    db_statement_timeout_seconds: float = 30.0
+    db_idle_in_transaction_timeout_seconds: float = 30.0
+    # Abuse bounds on the anonymous routes.
+    max_order_units: int = 100
+    max_order_lines: int = 50
+    # An order a provider keeps calling pending this long past its window
+    # stops being polled and needs an operator.
+    pending_attention_after_seconds: int = 86400
+    readyz_cache_seconds: float = 2.0
+    readyz_timeout_seconds: float = 2.0
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -157,6 +170,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         web_concurrency=max(1, _number(env, "WEB_CONCURRENCY", base.web_concurrency, int)),
         web_threads=max(1, _number(env, "WEB_THREADS", base.web_threads, int)),
         db_pool_size=max(1, _number(env, "DB_POOL_SIZE", base.db_pool_size, int)),
+        db_lock_timeout_seconds=_number(env, "DB_LOCK_TIMEOUT_SECONDS", base.db_lock_timeout_seconds, float),
+        db_statement_timeout_seconds=_number(
+            env, "DB_STATEMENT_TIMEOUT_SECONDS", base.db_statement_timeout_seconds, float
+        ),
+        db_idle_in_transaction_timeout_seconds=_number(
+            env, "DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS", base.db_idle_in_transaction_timeout_seconds, float
+        ),
+        max_order_units=max(1, _number(env, "MAX_ORDER_UNITS", base.max_order_units, int)),
+        max_order_lines=max(1, _number(env, "MAX_ORDER_LINES", base.max_order_lines, int)),
+        pending_attention_after_seconds=_number(
+            env, "PENDING_ATTENTION_AFTER_SECONDS", base.pending_attention_after_seconds, int
+        ),
+        readyz_cache_seconds=_number(env, "READYZ_CACHE_SECONDS", base.readyz_cache_seconds, float),
+        readyz_timeout_seconds=_number(env, "READYZ_TIMEOUT_SECONDS", base.readyz_timeout_seconds, float),
         **_job_settings(env, base),
     )
     _check_backoff(settings)
