@@ -50,6 +50,7 @@ class StripeApiGateway:
         max_retries: int = 2,
         http_client: stripe.HTTPClient | None = None,
     ) -> None:
+        self._secrets = _Secrets(api_key, api_base)
         self._client = stripe.StripeClient(
             api_key or "sk_unconfigured",
             base_addresses={"api": api_base},
@@ -102,7 +103,7 @@ class StripeApiGateway:
                     metadata=intent.metadata.to_dict() if intent.metadata else {},
                 )
         except stripe.StripeError as error:
-            raise ProviderError(f"Stripe: {error.user_message or error}", provider_code=error.code) from None
+            raise self._failure(error) from None
 
     def _call(self, request: Any) -> PaymentIntent:
         if not self._configured:
@@ -110,7 +111,7 @@ class StripeApiGateway:
         try:
             intent = request()
         except stripe.StripeError as error:
-            raise ProviderError(f"Stripe: {error.user_message or error}", provider_code=error.code) from None
+            raise self._failure(error) from None
         return PaymentIntent(
             id=intent.id,
             status=intent.status,
@@ -119,6 +120,24 @@ class StripeApiGateway:
             client_secret=intent.client_secret,
             metadata=intent.metadata.to_dict() if intent.metadata else {},
         )
+
+    def _failure(self, error: stripe.StripeError) -> ProviderError:
+        """What failed, for the 502 and the order's timeline: never the API
+        key, nor the base address the library names in network errors."""
+        return ProviderError(
+            self._secrets.scrub(f"Stripe {_stripe_failure(error)}"), provider_code=error.code
+        )
+
+
+def _stripe_failure(error: stripe.StripeError) -> str:
+    if isinstance(error, stripe.APIConnectionError):
+        return _network_failure(error.__cause__)
+    if isinstance(error, (stripe.AuthenticationError, stripe.PermissionError)):
+        # Stripe's text here quotes part of the key; the status says enough.
+        return f"refused payfleet's API key (HTTP {error.http_status})"
+    status = f"HTTP {error.http_status}" if error.http_status else type(error).__name__
+    message = error.user_message or ""
+    return f"answered {status}: {message}" if message else f"answered {status}"
 
 
 # Monetbil's check-payment transaction status, as our payment status.
@@ -164,6 +183,7 @@ class MonetbilApiGateway:
 
     def __init__(self, service_key: str, api_base: str, *, timeout: float = 10.0) -> None:
         self._service_key, self._base, self._timeout = service_key, api_base.rstrip("/"), timeout
+        self._secrets = _Secrets(service_key, self._base)
         self._http = requests.Session()
 
     def start_payment(
@@ -189,16 +209,17 @@ class MonetbilApiGateway:
             "phone": phone or "",
             "email": email or "",
         }
-        answer = self._post(f"/widget/v2.1/{self._service_key}", form)
+        answer = self._post("starting the payment", f"/widget/v2.1/{self._service_key}", form)
         url = answer.get("payment_url")
         if answer.get("success") is not True or not isinstance(url, str):
-            raise ProviderError(f"Monetbil refused the payment: {answer.get('message') or answer}")
+            reason = answer.get("message") or "no reason given"
+            raise ProviderError(self._secrets.scrub(f"Monetbil refused the payment: {reason}"))
         return url
 
     def check_transaction(self, transaction_id: str) -> MonetbilCheck:
         """The transaction by Monetbil's own word; a transaction Monetbil does
         not know (yet) is `pending`, never a success."""
-        answer = self._post("/payment/v1/checkPayment", {"paymentId": transaction_id})
+        answer = self._post("checking the payment", "/payment/v1/checkPayment", {"paymentId": transaction_id})
         transaction = answer.get("transaction")
         if not isinstance(transaction, dict):
             return MonetbilCheck("pending")
@@ -208,18 +229,60 @@ class MonetbilApiGateway:
             return MonetbilCheck("pending")
         return MonetbilCheck(status, _whole(transaction.get("amount")), transaction.get("currency"))
 
-    def _post(self, path: str, form: dict[str, str]) -> dict[str, Any]:
+    def _post(self, action: str, path: str, form: dict[str, str]) -> dict[str, Any]:
         if not self._service_key:
             raise ProviderError("Monetbil is not configured (MONETBIL_SERVICE_KEY is empty)")
         try:
             response = self._http.post(f"{self._base}{path}", data=form, timeout=self._timeout)
-            response.raise_for_status()
+        except requests.RequestException as error:
+            raise self._failure(action, _network_failure(error)) from None
+        if response.status_code >= 400:
+            raise self._failure(action, f"answered HTTP {response.status_code}")
+        try:
             answer = response.json()
-        except (requests.RequestException, ValueError) as error:
-            raise ProviderError(f"Monetbil: {error}") from None
+        except ValueError:
+            raise self._failure(
+                action, f"answered HTTP {response.status_code} with a body that is not JSON"
+            ) from None
         if not isinstance(answer, dict):
-            raise ProviderError(f"Monetbil answered {answer!r}")
+            raise self._failure(action, "answered JSON that is not an object")
         return answer
+
+    def _failure(self, action: str, what: str) -> ProviderError:
+        # requests names the URL, and the widget URL's path is the service
+        # key: the detail says which call failed and how, never where.
+        return ProviderError(self._secrets.scrub(f"Monetbil {what} ({action})"))
+
+
+def _network_failure(error: BaseException | None) -> str:
+    """The kind of transport failure, in words that name no host or URL."""
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    text = str(error)
+    if "Connection refused" in text:
+        return "refused the connection"
+    if "Name or service not known" in text or "NameResolutionError" in text:
+        return "could not be resolved"
+    if isinstance(error, requests.ConnectionError):
+        return "could not be reached"
+    return f"could not be reached ({type(error).__name__})"
+
+
+@dataclass(frozen=True)
+class _Secrets:
+    """What a provider's failure text must never carry into an answer or a
+    stored reason: the credential and the configured base address. Scrubbing
+    is the last guard; the details above are built without either."""
+
+    credential: str
+    base: str
+
+    def scrub(self, text: str) -> str:
+        base = self.base.rstrip("/")
+        for secret, stand_in in ((self.credential, "[key]"), (base, "[provider]")):
+            if secret:
+                text = text.replace(secret, stand_in)
+        return text
 
 
 def _whole(value: Any) -> int | None:
