@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+    from payfleet.platform.config import Settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -23,22 +26,73 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
 SERVER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 
 
-def make_engine(database_url: str, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+@dataclass(frozen=True)
+class SessionTimeouts:
+    """How long one session may wait for a row lock, run one statement, and
+    sit idle inside a transaction (0: no limit). PostgreSQL enforces them, so
+    a session whose client vanished or hangs cannot hold its row locks while
+    every worker thread queues behind them."""
+
+    lock_seconds: float = 5.0
+    statement_seconds: float = 30.0
+    idle_in_transaction_seconds: float = 30.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> SessionTimeouts:
+        return cls(
+            settings.db_lock_timeout_seconds,
+            settings.db_statement_timeout_seconds,
+            settings.db_idle_in_transaction_timeout_seconds,
+        )
+
+    def options(self) -> str:
+        """As libpq `options`: set when the session starts, no round trip."""
+        limits = {
+            "lock_timeout": self.lock_seconds,
+            "statement_timeout": self.statement_seconds,
+            "idle_in_transaction_session_timeout": self.idle_in_transaction_seconds,
+        }
+        return " ".join(f"-c {name}={int(seconds * 1000)}" for name, seconds in limits.items())
+
+
+def make_engine(
+    database_url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    timeouts: SessionTimeouts = SessionTimeouts(),
+) -> Engine:
     # A process with many threads needs a pool as large as the threads that
     # use it at once: a connection made beyond pool_size is closed when
     # returned, and the next one pays a new PostgreSQL backend (several ms)
     # on the request path.
     connect_args: dict[str, object] = dict(KEEPALIVES)
-    if "options" not in make_url(database_url).query:  # options given in DATABASE_URL win
-        connect_args["options"] = SERVER_KEEPALIVES
+    connect_args["options"] = _session_options(database_url, timeouts)
     engine = create_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=max_overflow,
         connect_args=connect_args,
+        # A failed statement's error (logged, kept as an event's last_error)
+        # must not carry its parameters: emails, phones, whole payloads.
+        hide_parameters=True,
     )
     _ping_when_idle(engine)
     return engine
+
+
+def _session_options(database_url: str, timeouts: SessionTimeouts) -> str:
+    # connect_args replace the URL's own `options`, so those are kept, last:
+    # PostgreSQL takes the last of two settings of one name, and options given
+    # in DATABASE_URL win.
+    return " ".join(
+        part for part in (SERVER_KEEPALIVES, timeouts.options(), _url_options(database_url)) if part
+    )
+
+
+def _url_options(database_url: str) -> str:
+    given = make_url(database_url).query.get("options", "")
+    return " ".join(given) if isinstance(given, tuple) else given
 
 
 # A connection back in the pool for less than this was working a moment ago.
@@ -83,8 +137,21 @@ def alembic_config(database_url: str) -> Config:
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    url = _without_statement_timeout(database_url)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
+
+
+# A migration may rewrite a large table for minutes: no statement timeout,
+# whatever DATABASE_URL or the database's defaults (ALTER DATABASE/ROLE ...
+# SET statement_timeout) ask of the fleet's sessions.
+UNBOUNDED_STATEMENTS = "-c statement_timeout=0"
+
+
+def _without_statement_timeout(database_url: str) -> str:
+    url = make_url(database_url)
+    options = " ".join(part for part in (_url_options(database_url), UNBOUNDED_STATEMENTS) if part)
+    return url.update_query_dict({"options": options}).render_as_string(hide_password=False)
 
 
 def migrate(database_url: str, revision: str = "head") -> None:
