@@ -9,7 +9,7 @@ import dramatiq
 
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
-from payfleet.platform.db import make_engine, make_sessions
+from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
 from workers.apply_events import declare_event_actors
 from workers.job_runner import declare_job_actors, job_gateways
 
@@ -21,6 +21,12 @@ logging.getLogger("stripe").setLevel(logging.WARNING)
 settings = load_settings()
 broker = build_broker(settings, metrics=True)
 dramatiq.set_broker(broker)
-sessions = make_sessions(make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=4))
+engine = make_engine(
+    settings.database_url,
+    pool_size=settings.db_pool_size,
+    max_overflow=4,
+    timeouts=SessionTimeouts.of(settings),
+)
+sessions = make_sessions(engine)
 declare_event_actors(broker, sessions, settings)
 declare_job_actors(broker, sessions, settings, job_gateways(settings))
