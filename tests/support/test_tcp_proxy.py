@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -417,3 +422,67 @@ def test_pika_through_proxy_against_real_rabbitmq() -> None:
                 direct.channel().queue_delete(queue)
     finally:
         direct.close()
+
+
+# --------------------------------------------------------------------------- real PostgreSQL
+
+# A client that takes an advisory lock in a transaction and then hangs, as a
+# worker thread does between statements; `blocked` first waits for the lock.
+_LOCKING_CLIENT = """
+import sys, time, psycopg
+conn = psycopg.connect(sys.argv[1])
+conn.execute("SELECT pg_advisory_xact_lock(%s)", (int(sys.argv[2]),))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _lock_holders(admin_url: str, key: int) -> int:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objid = %s", (key,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _spawn_locking_client(url: str, key: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _LOCKING_CLIENT, url, str(key)],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def _kill(client: subprocess.Popen[bytes]) -> None:
+    os.killpg(client.pid, signal.SIGKILL)
+    client.wait(5)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["idle-in-transaction", "waiting-for-a-lock"])
+def test_a_killed_clients_postgresql_session_ends_and_its_locks_go(blocked: bool) -> None:
+    """When the client side ends, the proxy must pass the end on: a session
+    that outlives its SIGKILLed client holds its row locks, and every other
+    worker thread then waits on them."""
+    import psycopg
+
+    from tests.conftest import PG_ADMIN_URL
+
+    key = random.randrange(1, 2**31)
+    host, port = "127.0.0.1", int(urlsplit(PG_ADMIN_URL).port or 5432)
+    with TcpProxy(host, port) as proxy, psycopg.connect(PG_ADMIN_URL) as mine:
+        if blocked:  # the client's backend is busy waiting, not reading its socket
+            mine.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        client = _spawn_locking_client(proxy.url_for(PG_ADMIN_URL), key)
+        try:
+            if blocked:
+                assert wait_for(lambda: proxy.connections == 1, timeout=10)
+                time.sleep(0.5)  # its lock request is queued behind ours
+            else:
+                assert client.stdout is not None and client.stdout.readline() == b"locked\n"
+        finally:
+            _kill(client)
+        mine.commit()  # a blocked backend now gets the lock: it must not keep it
+        assert wait_for(lambda: _lock_holders(PG_ADMIN_URL, key) == 0, timeout=5)
+        assert wait_for(lambda: proxy.connections == 0, timeout=5)
