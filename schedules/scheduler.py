@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings
-from payfleet.platform.db import make_engine, make_sessions
+from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
 from payfleet.platform.publishing import Publisher
 from schedules.claims import claimer_for
 from schedules.relay import OutboxRelay
@@ -40,7 +40,9 @@ def run(tasks: Sequence[Task], interval: float, stop: threading.Event) -> None:
 
 
 def tasks_for(settings: Settings) -> list[Task]:
-    sessions = make_sessions(make_engine(settings.database_url, pool_size=2))
+    sessions = make_sessions(
+        make_engine(settings.database_url, pool_size=2, timeouts=SessionTimeouts.of(settings))
+    )
     # One broker connection for both tasks: they run on the same thread.
     publisher = Publisher(build_broker(settings))
     relay = OutboxRelay(
@@ -52,12 +54,33 @@ def tasks_for(settings: Settings) -> list[Task]:
     return [relay.run_once, claimer_for(settings, sessions, publisher).run_once]
 
 
+def serve_metrics(host: str, port: int) -> bool:
+    """Start the Prometheus endpoint; False when it could not be. Replicas
+    share a host and its ports: a port another process holds must not stop
+    this scheduler's work (claims and relay are what matter), so it runs on
+    without metrics and says so once, naming what to change."""
+    if not port:
+        return False
+    try:
+        start_http_server(port, addr=host)
+    except OSError as error:
+        log.warning(
+            "scheduler metrics are OFF: cannot listen on %s:%d (SCHEDULER_METRICS_PORT): %s; "
+            "this scheduler runs on without its Prometheus endpoint. Give each replica on a host "
+            "its own SCHEDULER_METRICS_PORT, or 0 to turn metrics off.",
+            host,
+            port,
+            error.strerror or error,
+        )
+        return False
+    return True
+
+
 def main(settings: Settings) -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    if settings.scheduler_metrics_port:
-        start_http_server(settings.scheduler_metrics_port, addr=settings.metrics_host)
+    serve_metrics(settings.metrics_host, settings.scheduler_metrics_port)
     log.info("scheduler started (tick %.1f s)", settings.outbox_relay_interval_seconds)
     run(tasks_for(settings), settings.outbox_relay_interval_seconds, stop)
     log.info("scheduler stopped")
