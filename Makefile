@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint install services db bench bench-smoke bench-tools
+.PHONY: up test lint install services db bench bench-smoke bench-tools chaos
 
 up: install services db
 	@test -n "$$ADMIN_TOKEN" || test -f .admin-token || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > .admin-token
@@ -21,6 +21,11 @@ test: install services
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	$(BIN)/python -m pytest
+
+# The chaos suite at full scale (tests/chaos): RabbitMQ cut for 20 s, PostgreSQL
+# for 10 s, more orders; `make test` runs the same scenarios in a short form.
+chaos: install services
+	CHAOS_SCALE=full $(BIN)/python -m pytest tests/chaos -s -q $(CHAOS_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

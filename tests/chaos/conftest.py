@@ -1,0 +1,97 @@
+"""Wiring of the chaos suite: one fleet per module, started once (so the two
+schedulers run for the whole run), its PostgreSQL and RabbitMQ behind TCP
+proxies; the scale (short in `make test`, full in `make chaos`) from
+CHAOS_SCALE."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.fleet import Fleet, fleet_env, proxies
+from tests.conftest import ADMIN_TOKEN, MONETBIL_KEY, MONETBIL_SECRET, WEBHOOK_SECRETS, free_port
+from tests.fakes.stripe_server import FakeStripe
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    broker_cut_seconds: float
+    pg_cut_seconds: float
+    orders: int  # per scenario that pays orders
+    backlog: int  # events waiting when the worker is killed
+    checkouts: int  # racing for the last units
+    senders: int = 16
+
+
+SCALES = {
+    "full": Scale("full", broker_cut_seconds=20, pg_cut_seconds=10, orders=160, backlog=600, checkouts=200),
+    "short": Scale("short", broker_cut_seconds=4, pg_cut_seconds=3, orders=36, backlog=120, checkouts=50),
+}
+
+
+@pytest.fixture(scope="session")
+def scale() -> Scale:
+    name = os.environ.get("CHAOS_SCALE", "short")
+    if name not in SCALES:
+        raise pytest.UsageError(f"CHAOS_SCALE must be one of {sorted(SCALES)}, not {name!r}")
+    return SCALES[name]
+
+
+@pytest.fixture(scope="module")
+def chaos_stripe() -> Iterator[FakeStripe]:
+    with FakeStripe() as fake:
+        yield fake
+
+
+def _base_env(database_url: str, broker_url: str, stripe: FakeStripe, metrics_port: int) -> dict[str, str]:
+    """Test-speed settings, with retries that outlast a PostgreSQL cut: six
+    attempts over 15.5 s, so an event caught by a 10 s cut is retried, not
+    dead-lettered."""
+    return {
+        "DATABASE_URL": database_url,
+        "BROKER_URL": broker_url,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "STRIPE_API_KEY": "sk_test_payfleet",
+        "STRIPE_WEBHOOK_SECRETS": ",".join(WEBHOOK_SECRETS),
+        "STRIPE_API_BASE": stripe.base_url,
+        "MONETBIL_SERVICE_KEY": MONETBIL_KEY,
+        "MONETBIL_SERVICE_SECRET": MONETBIL_SECRET,
+        "MONETBIL_API_BASE": "http://127.0.0.1:9",
+        "WHATSAPP_API_BASE": "http://127.0.0.1:9",
+        "PUBLIC_BASE_URL": "http://shop.test",
+        "EVENT_MAX_ATTEMPTS": "6",
+        "EVENT_RETRY_DELAYS_SECONDS": "0.5,1,2,4,8",
+        "EVENT_TIME_LIMIT_SECONDS": "20",
+        "OUTBOX_RELAY_INTERVAL_SECONDS": "0.2",
+        "OUTBOX_RELAY_GRACE_SECONDS": "0.5",
+        # Both schedulers are replicas with one configuration, as on one host.
+        "SCHEDULER_METRICS_PORT": str(metrics_port),
+        # The stock jobs fire every 5 s, racing checkouts and events on the same rows.
+        "JOB_SCHEDULES": "expire-stale-orders=* * * * * */5;release-expired-reservations=* * * * * */5",
+        "DB_POOL_SIZE": "6",
+        "WEB_CONCURRENCY": "2",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(database_url: str, broker_url: str, chaos_stripe: FakeStripe) -> Iterator[Fleet]:
+    logs = Path(tempfile.mkdtemp(prefix="payfleet-chaos-"))
+    base = _base_env(database_url, broker_url, chaos_stripe, free_port())
+    with proxies() as (pg, amqp):
+        running = Fleet(fleet_env(base, pg, amqp), logs, pg, amqp)
+        try:
+            running.spawn("scheduler-a", "scheduler")
+            running.spawn("scheduler-b", "scheduler")
+            running.start_worker()
+            running.start_ingress()
+            yield running
+        finally:
+            running.stop()
+    print(f"\nchaos: fleet logs in {logs}")
