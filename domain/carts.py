@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from domain.errors import Conflict, Gone, InvalidRequest, NotFound, UnknownSku
 from domain.models import Cart, CartItem, Product
+from domain.order_bounds import OrderBounds
 
 
 def create_cart(session: Session, ttl: timedelta) -> Cart:
@@ -22,12 +23,18 @@ def create_cart(session: Session, ttl: timedelta) -> Cart:
     return cart
 
 
-def set_item(session: Session, cart_id: str, sku: str, quantity: int, ttl: timedelta) -> Cart:
-    """Set one line's quantity (0 removes it); every change extends the cart."""
+def set_item(
+    session: Session, cart_id: str, sku: str, quantity: int, ttl: timedelta, bounds: OrderBounds
+) -> Cart:
+    """Set one line's quantity (0 removes it); every change extends the cart.
+    A cart is an order in waiting: a change that grows it past the order
+    bounds is refused (one that shrinks it never is)."""
     cart = _open_cart(session, cart_id)
     if session.get(Product, sku) is None:
         raise UnknownSku(f"unknown SKU {sku!r}", sku=sku)
     line = next((item for item in cart.items if item.sku == sku), None)
+    if quantity > (line.quantity if line else 0):
+        bounds.check(_lines_with(cart, sku, quantity))
     if quantity == 0 and line is not None:
         cart.items.remove(line)
     elif quantity > 0 and line is None:
@@ -38,6 +45,12 @@ def set_item(session: Session, cart_id: str, sku: str, quantity: int, ttl: timed
     cart.updated_at, cart.expires_at = now, now + ttl
     session.flush()
     return cart
+
+
+def _lines_with(cart: Cart, sku: str, quantity: int) -> tuple[tuple[str, int], ...]:
+    lines = {item.sku: item.quantity for item in cart.items}
+    lines[sku] = quantity
+    return tuple(lines.items())
 
 
 def lines_for_checkout(session: Session, cart_id: str) -> tuple[tuple[str, int], ...]:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import orders, products, views
 from domain.errors import InvalidRequest, NotFound
 from ingress.errors import ApiError
-from ingress.parsing import json_object, required
+from ingress.parsing import checked_text, json_object, required
 from payfleet.platform.outbox import EventInbox
 
 MAX_BODY = 64 * 1024
@@ -59,9 +59,15 @@ def _non_negative(
     return value
 
 
-def parse_product(sku: str, body: dict[str, Any]) -> products.PutProduct:
+def _sku(sku: str) -> str:
+    # A path's %00 arrives as NUL, which PostgreSQL's text cannot hold.
     if not sku or len(sku) > 64:
         raise InvalidRequest("a SKU is 1 to 64 characters")
+    return checked_text("sku", sku)
+
+
+def parse_product(sku: str, body: dict[str, Any]) -> products.PutProduct:
+    _sku(sku)
     currency = required(body, "currency", str)
     if len(currency) != 3 or not currency.isalpha():
         raise InvalidRequest(f"currency must be a 3-letter ISO code, got {currency!r}")
@@ -88,7 +94,7 @@ class Products(AdminResource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
         with self._sessions() as session:
-            resp.media = products.get_product(session, sku)
+            resp.media = products.get_product(session, checked_text("sku", sku))
 
     def on_get_list(self, req: falcon.Request, resp: falcon.Response) -> None:
         low_stock = req.get_param_as_bool("low_stock")
@@ -98,7 +104,9 @@ class Products(AdminResource):
     def on_get_movements(self, req: falcon.Request, resp: falcon.Response, sku: str) -> None:
         before = req.get_param_as_int("before", min_value=1)
         with self._sessions() as session:
-            resp.media = products.movements(session, sku, limit=_limit(req), before=before)
+            resp.media = products.movements(
+                session, checked_text("sku", sku), limit=_limit(req), before=before
+            )
 
 
 class Orders(AdminResource):
@@ -150,9 +158,9 @@ def _lines(items: list[Any]) -> tuple[tuple[str, int], ...]:
     for item in items:
         if not isinstance(item, dict):
             raise InvalidRequest("each line must be an object with 'sku' and 'quantity'")
-        sku, quantity = required(item, "sku", str), required(item, "quantity", int)
-        if quantity <= 0:
-            raise InvalidRequest("a returned quantity must be positive")
+        sku, quantity = _sku(required(item, "sku", str)), required(item, "quantity", int)
+        if not 0 < quantity <= INT4_MAX:
+            raise InvalidRequest(f"a returned quantity is between 1 and {INT4_MAX}")
         lines[sku] = lines.get(sku, 0) + quantity
     return tuple(lines.items())
 

@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain.gateways import MonetbilApiGateway, MonetbilGateway, StripeApiGateway, StripeGateway
+from domain.order_bounds import OrderBounds
 from ingress import admin_jobs, errors
 from ingress.admin import AdminAuth, Events, Orders, Products, ReservationStats
 from ingress.carts import Carts
@@ -19,7 +20,7 @@ from ingress.health import CountResponses, Healthz, Metrics, Readyz
 from ingress.webhooks import MonetbilWebhook, StripeWebhook
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, load_settings
-from payfleet.platform.db import make_engine, make_sessions
+from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
 from payfleet.platform.outbox import EventInbox
 from payfleet.platform.publishing import Publisher
 
@@ -51,8 +52,11 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
         notify_url=f"{s.public_base_url}/webhooks/monetbil",
         return_url=s.monetbil_return_url or f"{s.public_base_url}/",
     )
-    app.add_route("/checkout", Checkout(c.sessions, c.stripe, c.monetbil, links, window, s.max_body_bytes))
-    carts = Carts(c.sessions, timedelta(seconds=s.cart_ttl_seconds))
+    bounds = OrderBounds(s.max_order_units, s.max_order_lines)
+    app.add_route(
+        "/checkout", Checkout(c.sessions, c.stripe, c.monetbil, links, window, s.max_body_bytes, bounds)
+    )
+    carts = Carts(c.sessions, timedelta(seconds=s.cart_ttl_seconds), bounds)
     app.add_route("/carts", carts)
     app.add_route("/carts/{cart_id}", carts, suffix="cart")
     app.add_route("/carts/{cart_id}/items", carts, suffix="items")
@@ -71,13 +75,19 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
     admin_jobs.add_routes(app, c.sessions, s, c.publisher)
     app.add_route("/healthz", Healthz())
-    app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
+    readyz = Readyz(c.engine, c.broker_parameters)
+    app.add_route("/readyz", readyz)
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))
     return app
 
 
 def collaborators(settings: Settings) -> Collaborators:
-    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=4)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=4,
+        timeouts=SessionTimeouts.of(settings),
+    )
     broker = build_broker(settings)
     return Collaborators(
         settings=settings,

@@ -15,16 +15,15 @@ import falcon
 from prometheus_client import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain import carts
 from domain.errors import DomainError, InvalidRequest, ProviderError
 from domain.gateways import MonetbilGateway, StripeGateway
 from domain.models import Order, Payment
+from domain.order_bounds import OrderBounds
 from domain.orders import PlaceOrder, abandon_checkout, attach_provider_payment, place_order
 from ingress.parsing import json_object, optional, required
 
 CHECKOUTS = Counter("payfleet_checkouts_total", "Checkouts answered", ["provider", "outcome"])
-
-MAX_LINES = 100
-MAX_QUANTITY = 10_000
 
 
 # Monetbil is paid in currencies without minor units, so the amount in minor
@@ -32,7 +31,7 @@ MAX_QUANTITY = 10_000
 MONETBIL_CURRENCIES = frozenset({"XAF", "XOF"})
 
 
-def parse_checkout(body: dict[str, Any]) -> PlaceOrder:
+def parse_checkout(body: dict[str, Any], bounds: OrderBounds) -> PlaceOrder:
     provider = required(body, "provider", str)
     if provider not in ("stripe", "monetbil"):
         raise InvalidRequest(f"provider {provider!r} is not supported; use 'stripe' or 'monetbil'")
@@ -44,7 +43,7 @@ def parse_checkout(body: dict[str, Any]) -> PlaceOrder:
     if (cart_id is None) == (body.get("items") is None):
         raise InvalidRequest("give either 'items' or 'cart_id'")
     return PlaceOrder(
-        lines=() if cart_id else _lines(required(body, "items", list)),
+        lines=() if cart_id else _lines(required(body, "items", list), bounds),
         provider=provider,
         currency=currency,
         customer_email=optional(customer, "email", str),
@@ -53,18 +52,23 @@ def parse_checkout(body: dict[str, Any]) -> PlaceOrder:
     )
 
 
-def _lines(items: list[Any]) -> tuple[tuple[str, int], ...]:
-    if not items or len(items) > MAX_LINES:
-        raise InvalidRequest(f"'items' must hold 1 to {MAX_LINES} lines")
+def _lines(items: list[Any], bounds: OrderBounds) -> tuple[tuple[str, int], ...]:
+    if not items:
+        raise InvalidRequest("'items' must hold at least one line")
+    # Every item is at least one unit: more items than the unit bound are
+    # refused before any is read.
+    bounds.check_units(len(items))
     quantities: dict[str, int] = {}
     for item in items:
         if not isinstance(item, dict):
             raise InvalidRequest("each item must be an object with 'sku' and 'quantity'")
         sku, quantity = required(item, "sku", str), required(item, "quantity", int)
-        if not sku or len(sku) > 64 or not 0 < quantity <= MAX_QUANTITY:
-            raise InvalidRequest(f"bad item: sku must be 1-64 characters, quantity 1-{MAX_QUANTITY}")
+        if not sku or len(sku) > 64 or quantity <= 0:
+            raise InvalidRequest("bad item: sku must be 1-64 characters, quantity at least 1")
         quantities[sku] = quantities.get(sku, 0) + quantity  # repeated SKUs are one line
-    return tuple(quantities.items())
+    lines = tuple(quantities.items())
+    bounds.check(lines)
+    return lines
 
 
 def _currency(code: str) -> str:
@@ -90,18 +94,23 @@ class Checkout:
         links: MonetbilLinks,
         payment_window: timedelta,
         max_body: int,
+        bounds: OrderBounds,
     ) -> None:
         self._sessions, self._stripe, self._monetbil, self._links = sessions, stripe, monetbil, links
-        self._window, self._max_body = payment_window, max_body
+        self._window, self._max_body, self._bounds = payment_window, max_body, bounds
         self._starters: dict[str, Callable[[Order, Payment], dict[str, Any]]] = {
             "stripe": self._start_stripe,
             "monetbil": self._start_monetbil,
         }
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        command = parse_checkout(json_object(req, self._max_body))
+        command = parse_checkout(json_object(req, self._max_body), self._bounds)
         try:
             with self._sessions.begin() as session:
+                if command.cart_id is not None:
+                    # A cart filled before the bounds were lowered; the cart
+                    # stays locked until place_order has taken it.
+                    self._bounds.check(carts.lines_for_checkout(session, command.cart_id))
                 order, payment = place_order(session, command, self._window)
             started = self._start_payment(order, payment)
         except DomainError as error:

@@ -60,9 +60,23 @@ def _database_error(req: falcon.Request, resp: falcon.Response, error: DBAPIErro
         log.error("database unavailable: %s", error.orig)
         raise ApiError(falcon.HTTP_503, "database_unavailable", "PostgreSQL is unavailable; retry later")
     if isinstance(error, DataError):
-        raise ApiError(falcon.HTTP_400, "invalid_request", f"a value cannot be stored: {error.orig}")
+        # PostgreSQL's text names columns and types and may quote the value:
+        # the caller gets what was wrong in payfleet's words, the log the rest.
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        log.warning("value refused by PostgreSQL (%s) on %s %s", sqlstate, req.method, req.path)
+        raise ApiError(falcon.HTTP_400, "invalid_request", _REFUSED.get(sqlstate or "", _REFUSED_ANY))
     log.error("database error on %s %s", req.method, req.path, exc_info=error)
     raise ApiError(falcon.HTTP_500, "internal_error", "unexpected error; see the ingress log")
+
+
+# What a DataError's SQLSTATE means for the caller (class 22, data exception).
+_REFUSED = {
+    "22001": "a value is longer than payfleet stores",
+    "22003": "a number is out of the range payfleet stores",
+    "22021": "a string holds characters that cannot be stored",
+    "22P05": "a string holds characters that cannot be stored",
+}
+_REFUSED_ANY = "a value in the request cannot be stored"
 
 
 def _unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params: Any) -> None:

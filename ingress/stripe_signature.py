@@ -36,7 +36,10 @@ def _signed_with(payload: bytes, header: str, secret: str) -> bool:
 
 
 def _timestamp(header: str) -> int:
-    # The first `t`, exactly as the library reads it when it checks the
-    # signature: a second, fresher `t` appended to an old signed header must
-    # not pass the age check. verify_header has parsed it, so it is an int.
-    return int(next(item[2:] for item in header.split(",") if item.startswith("t=")))
+    # The first `t`, read exactly as the library reads it when it checks the
+    # signature (each item split on "=" at most twice, the second part taken:
+    # `t=<now>=1` is signed at <now>), so the age checked is the one signed.
+    # A second, fresher `t` appended to an old signed header must not pass
+    # the age check. verify_header has parsed it, so it is an int.
+    items = [item.split("=", 2) for item in header.split(",")]
+    return int(next(item[1] for item in items if item[0] == "t"))

@@ -300,7 +300,7 @@ BAD_BODIES: list[Any] = [
     pytest.param(
         body_for(("BAD-IN", 1)) | {"items": [{"sku": "BAD-IN", "quantity": 1}] * 101},
         400,
-        {"invalid_request"},
+        {"order_too_large"},
         id="too-many-lines",
     ),
     pytest.param(_item(quantity=0), 400, {"invalid_request"}, id="quantity-zero"),
@@ -309,7 +309,7 @@ BAD_BODIES: list[Any] = [
     pytest.param(_item(quantity="1"), 400, {"invalid_request"}, id="quantity-string"),
     pytest.param(_item(quantity=True), 400, {"invalid_request"}, id="quantity-boolean"),
     pytest.param(_item(quantity=None), 400, {"invalid_request"}, id="quantity-null"),
-    pytest.param(_item(quantity=10_001), 400, {"invalid_request"}, id="quantity-over-max"),
+    pytest.param(_item(quantity=10_001), 400, {"order_too_large"}, id="quantity-over-max"),
     pytest.param(_item(sku=""), 400, {"invalid_request"}, id="sku-empty"),
     pytest.param(_item(sku=LONG_SKU), 400, {"invalid_request"}, id="sku-too-long"),
     pytest.param(_item(sku=42), 400, {"invalid_request"}, id="sku-number"),
