@@ -20,7 +20,7 @@ from ingress.health import CountResponses, Healthz, Metrics, Readyz
 from ingress.webhooks import MonetbilWebhook, StripeWebhook
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, load_settings
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import make_engine, make_sessions
 from payfleet.platform.outbox import EventInbox
 from payfleet.platform.publishing import Publisher
 
@@ -75,19 +75,13 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
     admin_jobs.add_routes(app, c.sessions, s, c.publisher)
     app.add_route("/healthz", Healthz())
-    readyz = Readyz(c.engine, c.broker_parameters)
-    app.add_route("/readyz", readyz)
+    app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))
     return app
 
 
 def collaborators(settings: Settings) -> Collaborators:
-    engine = make_engine(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=4,
-        timeouts=SessionTimeouts.of(settings),
-    )
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, max_overflow=4)
     broker = build_broker(settings)
     return Collaborators(
         settings=settings,
