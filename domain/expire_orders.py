@@ -16,10 +16,10 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from domain import payments, stock
@@ -70,13 +70,19 @@ class StaleOrder:
     provider_payment_id: str | None
     amount: int
     currency: str
+    expires_at: datetime
+
+    def overdue(self, now: datetime, attention_after: timedelta) -> bool:
+        """Whether its payment has had its window and `attention_after` more."""
+        return now - self.expires_at >= attention_after
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What the provider says should become of a stale order's payment:
     `succeeded` (the order is paid), `processing` (left for the payment path),
-    or a final `canceled`/`failed` (the order expires)."""
+    a final `canceled`/`failed` (the order expires), or `unanswered` (the
+    provider failed; only an overdue order is settled with it)."""
 
     status: str
     reason: str
@@ -87,7 +93,14 @@ def stale_orders(session: Session, now: datetime, *, after: uuid.UUID | None, li
     """Up to `limit` unpaid orders past their window, by id after `after`;
     nothing is locked."""
     query = (
-        select(Order.id, Payment.provider, Payment.provider_payment_id, Payment.amount, Payment.currency)
+        select(
+            Order.id,
+            Payment.provider,
+            Payment.provider_payment_id,
+            Payment.amount,
+            Payment.currency,
+            Order.expires_at,
+        )
         .join(Payment, Payment.order_id == Order.id)
         .where(Order.status == "pending_payment", Order.expires_at < now)
         .order_by(Order.id)
@@ -160,10 +173,16 @@ def _ask_monetbil(monetbil: PaymentChecker | None, order: StaleOrder) -> Verdict
     return Verdict("processing", f"Monetbil says {check.status}")
 
 
-def settle(session: Session, order: StaleOrder, verdict: Verdict, now: datetime) -> Counter[str]:
+def settle(
+    session: Session, order: StaleOrder, verdict: Verdict, now: datetime, attention_after: timedelta
+) -> Counter[str]:
     """Lock the order's payment, then the order (the payment path's order),
     re-check that it is still unpaid and past its window, and apply the
     verdict. What the provider side did (a cancel) is counted either way.
+
+    A payment the provider still calls pending (or keeps failing to answer
+    about) `attention_after` past the window is not asked about for ever: the
+    order moves to `needs_attention`, with the reason in its timeline.
 
     This runs once per stale order, so it speaks Core on the session's
     connection: the ORM's loading and flush bookkeeping cost more than the
@@ -178,8 +197,10 @@ def settle(session: Session, order: StaleOrder, verdict: Verdict, now: datetime)
     if verdict.status == "succeeded":
         apply_payment_status(session, payment, "succeeded", reason=f"{JOB}: {verdict.reason}")
         return counts + Counter({"paid": 1})
-    if verdict.status == "processing":
-        return counts + Counter({"left_processing": 1})
+    if verdict.status in STILL_OPEN:
+        return counts + _hold_or_hand_over(
+            connection, order.order_id, verdict, now - expires_at, attention_after
+        )
     reason = f"payment window ended: {verdict.reason}"
     moves = [_transition(order.order_id, "order", "pending_payment", "expired", reason)]
     if payments.can_move(payment.status, verdict.status):
@@ -190,6 +211,30 @@ def settle(session: Session, order: StaleOrder, verdict: Verdict, now: datetime)
     # Products last, so a popular SKU's row is held only until the commit.
     released = stock.release(session, order.order_id)
     return counts + Counter({"expired": 1, "units_released": sum(quantity for _, quantity in released)})
+
+
+# Verdicts that leave the payment open: money may still come.
+STILL_OPEN = frozenset({"processing", "unanswered"})
+
+
+def _hold_or_hand_over(
+    connection: Connection, order_id: uuid.UUID, verdict: Verdict, late: timedelta, attention_after: timedelta
+) -> Counter[str]:
+    """A payment still open past its window: left for the payment path, or,
+    once `attention_after` past it, the order is handed to a person. Its
+    reservation is left as it is either way: the money may still arrive
+    (a success then fills the order from it, see orders._AWAITING_PAYMENT),
+    and an unpaid hold goes back to the shelf through
+    release-expired-reservations like any other."""
+    if late < attention_after:
+        return Counter({"left_processing": int(verdict.status == "processing")})
+    hours = late.total_seconds() / 3600
+    reason = f"payment still open {hours:.1f} h after its window ended: {verdict.reason}"
+    connection.execute(_SET_ORDER, {"order_id": order_id, "new_status": "needs_attention"})
+    connection.execute(
+        _LOG_TRANSITIONS, [_transition(order_id, "order", "pending_payment", "needs_attention", reason)]
+    )
+    return Counter({"needs_attention": 1})
 
 
 _ORDERS = cast(Table, Order.__table__)
@@ -229,24 +274,11 @@ def _transition(order_id: uuid.UUID, subject: str, before: str, after: str, reas
     }
 
 
-def apply_verdict(
-    session: Session, payment: Payment, order: Order, verdict: Verdict, job: str
-) -> Counter[str]:
-    """A locked, unpaid order past its window, given the provider's verdict."""
-    if verdict.status == "succeeded":
-        apply_payment_status(session, payment, "succeeded", reason=f"{job}: {verdict.reason}")
-        return Counter({"paid": 1})
-    if verdict.status == "processing":
-        return Counter({"left_processing": 1})
-    units = expire_order(session, payment, order, f"payment window ended: {verdict.reason}", verdict.status)
-    return Counter({"expired": 1, "units_released": units})
-
-
 def expire_order(session: Session, payment: Payment, order: Order, reason: str, payment_status: str) -> int:
-    """A locked, unpaid order past its window: its reservations go back to
-    the shelf, its payment closes as `payment_status`, the order expires.
-    Returns the units released."""
-    released = stock.release(session, order.id)
+    """A locked, unpaid order past its window: its payment closes as
+    `payment_status`, the order expires, and its reservations go back to the
+    shelf (products last, held only until the commit). Returns the units
+    released."""
     if payments.can_move(payment.status, payment_status):
         log_transition(session, order.id, "payment", payment.status, payment_status, reason)
         payment.status = payment_status
@@ -254,4 +286,6 @@ def expire_order(session: Session, payment: Payment, order: Order, reason: str, 
     log_transition(session, order.id, "order", order.status, "expired", reason)
     order.status = "expired"
     order.updated_at = datetime.now(UTC)
+    session.flush()
+    released = stock.release(session, order.id)
     return sum(quantity for _, quantity in released)

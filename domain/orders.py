@@ -91,10 +91,11 @@ def abandon_checkout(session: Session, order_id: uuid.UUID, reason: str) -> None
     # Payment before order: the same lock order as the event path.
     payment = _payment_of(session, order_id)
     order = session.get_one(Order, order_id, with_for_update=True)
-    stock.release(session, order_id)
     carts.release_from(session, order_id)
     _move_payment(session, order, payment, "failed", reason, None)
     _move_order(session, order, "failed", reason, None)
+    # Products last, so a popular SKU's row is held only until the commit.
+    stock.release(session, order_id)
 
 
 class PaymentState(Protocol):
@@ -243,7 +244,7 @@ def apply_payment_changes(
     paying = [
         c.payment.order_id
         for c, steps in planned
-        if steps[0] == "succeeded" and was[c.payment.order_id] == "pending_payment"
+        if steps[0] == "succeeded" and was[c.payment.order_id] in _AWAITING_PAYMENT
     ]
     consumed = stock.consume_reservations(session, paying)
     declined = []
@@ -288,16 +289,16 @@ def _moves_stock_midway(
     """Whether a change's effect locks product rows as it runs (see the
     effects below): a release, or a sale of units no reservation holds."""
     if first_step == "succeeded":
-        reserved = order_status == "pending_payment" and bool(consumed.get(change.payment.order_id))
+        reserved = order_status in _AWAITING_PAYMENT and bool(consumed.get(change.payment.order_id))
         return order_status in _UNFILLED and not reserved
     releases = first_step == "canceled" or (first_step == "failed" and change.final_failure)
-    return releases and order_status == "pending_payment"
+    return releases and order_status in _AWAITING_PAYMENT
 
 
 def _on_succeeded(session: Session, moves: _Moves, reason: str) -> None:
     reference = str(moves.order_id)
     was = moves.order_status
-    if was == "pending_payment" and moves.consumed:
+    if was in _AWAITING_PAYMENT and moves.consumed:
         moves.sold = moves.consumed
         moves.move_order("paid", reason)
         return
@@ -314,18 +315,24 @@ def _on_succeeded(session: Session, moves: _Moves, reason: str) -> None:
         moves.move_order("needs_attention", f"{reason}; stock gone after {was}")
 
 
-# Orders a late success can still fill: their units are no longer held.
-_UNFILLED = frozenset({"pending_payment", "expired", "failed", "canceled"})
+# Orders a success fills from their reservation while it is held: an order
+# still waiting, or one the expire job handed to a person because its
+# payment stayed pending too long (it may still succeed).
+_AWAITING_PAYMENT = frozenset({"pending_payment", "needs_attention"})
+# Orders a late success can still fill: their units are no longer held. An
+# order that needs attention with its payment already succeeded (stock gone)
+# never sees a second success, so listing it here fills only the stalled kind.
+_UNFILLED = frozenset({"pending_payment", "expired", "failed", "canceled", "needs_attention"})
 
 
 def _on_canceled(session: Session, moves: _Moves, reason: str) -> None:
-    if moves.order_status == "pending_payment":
+    if moves.order_status in _AWAITING_PAYMENT:
         stock.release(session, moves.order_id)
         moves.move_order("canceled", reason)
 
 
 def _on_final_failure(session: Session, moves: _Moves, reason: str) -> None:
-    if moves.order_status == "pending_payment":
+    if moves.order_status in _AWAITING_PAYMENT:
         stock.release(session, moves.order_id)
         moves.move_order("failed", reason)
 

@@ -11,11 +11,12 @@ from dataclasses import replace
 from typing import Any
 
 import psycopg
+from sqlalchemy import text
 
 from tests.conftest import eventually, scalar
 from tests.fakes.stripe_server import CANCELABLE_STATUSES, FakeStripe
 from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
-from tests.support.shop import deliver, intent_event, product, put_product
+from tests.support.shop import ADMIN, deliver, intent_event, product, put_product
 
 
 def cancels(fake_stripe: FakeStripe, intent_id: str) -> int:
@@ -253,3 +254,66 @@ def test_expire_holds_no_row_lock_while_stripe_answers(client, sessions, setting
     assert took >= 6 * 0.4  # a retrieve and a cancel per order, one after another
     assert refused == []
     assert [order_status(sessions, order) for order in ids] == [("expired", "canceled")] * 3
+
+
+def attention_list(client) -> list[str]:
+    answer = client.simulate_get("/admin/orders", params={"status": "needs_attention"}, headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    return sorted(o["id"] for o in answer.json["orders"])
+
+
+def last_transition(client, order_id: str) -> dict[str, Any]:
+    timeline = client.simulate_get(f"/admin/orders/{order_id}", headers=ADMIN).json["timeline"]
+    return [entry for entry in timeline if entry["kind"] == "transition"][-1]
+
+
+def test_an_order_stripe_keeps_calling_pending_needs_attention_once_overdue_and_can_still_be_paid(
+    client, sessions, settings, fake_stripe, worker
+):
+    """Issue 9, item 7: an order is not polled for ever. Past its window plus
+    PENDING_ATTENTION_AFTER_SECONDS (an hour here), a payment Stripe still
+    calls processing, or one Stripe keeps failing to tell about, moves the
+    order to needs_attention with the reason in its timeline, counted in the
+    run. Its reservation is left as it is (the money may still come); a
+    success that comes later fills it from that reservation, once."""
+    put_product(client, "SLOWPAY", 10)
+    overdue, overdue_intent = stripe_order(client, "SLOWPAY", 2)
+    recent, recent_intent = stripe_order(client, "SLOWPAY", 3)
+    unknown, _ = stripe_order(client, "SLOWPAY", 1)
+    make_stale(sessions, overdue, unknown, age="2 hours")  # window ended 1.5 h ago
+    make_stale(sessions, recent, age="1 hour")  # window ended 30 min ago
+    fake_stripe.set_status(overdue_intent, "processing")
+    fake_stripe.set_status(recent_intent, "processing")
+    with sessions() as session:  # an intent Stripe does not know: every retrieve fails
+        session.execute(
+            text("UPDATE payments SET provider_payment_id = 'pi_gone' WHERE order_id = :o"), {"o": unknown}
+        )
+        session.commit()
+    patient = replace(settings, pending_attention_after_seconds=3600)
+
+    with job_runner(sessions, patient) as runner:
+        first = run_job(runner, sessions, "expire-stale-orders")
+        second = run_job(runner, sessions, "expire-stale-orders")
+
+    assert first["state"] == "succeeded", first
+    assert first["counts"]["needs_attention"] == 2 and first["counts"]["left_processing"] == 1, first
+    assert first["counts"]["provider_errors"] == 1 and first["counts"].get("expired", 0) == 0, first
+    assert second["counts"]["examined"] == 1  # only the recent one is asked again
+    assert attention_list(client) == sorted([overdue, unknown])
+    assert order_status(sessions, overdue) == ("needs_attention", "pending")
+    assert order_status(sessions, recent) == ("pending_payment", "pending")
+    handed_over = last_transition(client, overdue)
+    assert (handed_over["from"], handed_over["to"]) == ("pending_payment", "needs_attention")
+    assert "processing" in handed_over["reason"] and "after its window" in handed_over["reason"]
+    assert "keeps failing" in last_transition(client, unknown)["reason"]
+    # Nothing was released: every unit is still held.
+    assert (product(client, "SLOWPAY")["on_hand"], product(client, "SLOWPAY")["reserved"]) == (10, 6)
+
+    fake_stripe.set_status(overdue_intent, "succeeded")
+    assert deliver(client, intent_event("payment_intent.succeeded", overdue_intent)).status_code == 200
+    eventually(lambda: order_status(sessions, overdue) == ("paid", "succeeded"))
+    assert (product(client, "SLOWPAY")["on_hand"], product(client, "SLOWPAY")["reserved"]) == (8, 4)
+    sales = scalar(
+        sessions, "SELECT count(*) FROM stock_movements WHERE reference = :o AND type = 'sale'", o=overdue
+    )
+    assert sales == 1

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain import carts, expire_orders, job_runs, payment_intent_sweep, review_requests, stock
 from domain.errors import ProviderError
 from domain.expire_orders import PaymentChecker, StaleOrder, StripeIntents, Verdict
-from domain.gateways import MonetbilApiGateway, StripeApiGateway
+from domain.gateways import MonetbilApiGateway, PaymentIntent, StripeApiGateway
 from domain.job_runs import StartedRun
 from domain.job_table import JobTable
 from domain.messaging import WhatsAppApiGateway, WhatsAppGateway
@@ -101,6 +101,7 @@ def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -
     """A batch is read, its orders' providers are asked side by side with no
     transaction open, then each order is settled in a short transaction of
     its own as its answer arrives."""
+    attention_after = timedelta(seconds=c.settings.pending_attention_after_seconds)
     after: uuid.UUID | None = None
     while True:
         with c.sessions() as session:
@@ -109,12 +110,14 @@ def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -
         for stale, verdict in zip(batch, answers, strict=True):
             counts["examined"] += 1
             if isinstance(verdict, ProviderError):
-                # Left pending: the next run asks again.
-                log.warning("order %s left pending: %s", stale.order_id, verdict.detail)
                 counts["provider_errors"] += 1
-                continue
+                if not stale.overdue(c.clock(), attention_after):
+                    # Left pending: the next run asks again.
+                    log.warning("order %s left pending: %s", stale.order_id, verdict.detail)
+                    continue
+                verdict = Verdict("unanswered", f"the provider keeps failing: {verdict.detail}")
             with c.sessions.begin() as session:
-                counts.update(expire_orders.settle(session, stale, verdict, c.clock()))
+                counts.update(expire_orders.settle(session, stale, verdict, c.clock(), attention_after))
         if len(batch) < EXPIRE_BATCH:
             return
         after = batch[-1].order_id
@@ -131,32 +134,75 @@ def _ask_provider(c: JobContext, run_id: int, stale: StaleOrder) -> Verdict | Pr
 
 
 def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    """Like expire-stale-orders: each batch is read without locks, Stripe is
+    asked side by side with no transaction open, then each payment is locked,
+    re-checked and settled in a short transaction of its own."""
     now = c.clock()
     window = timedelta(seconds=c.settings.order_payment_window_seconds)
     seen: set[str] = set()
     after: uuid.UUID | None = None
     while True:
-        with c.sessions.begin() as session:
-            batch, ids, after = payment_intent_sweep.sweep_open_payments(
-                session, c.gateways.stripe, now, window, run_id=run.id, after=after
+        with c.sessions() as session:
+            batch = payment_intent_sweep.open_stripe_payments(
+                session, now, window, after=after, limit=SWEEP_BATCH
             )
-        counts.update(batch)
-        seen.update(ids)
-        if after is None:
+        if batch:
+            counts["examined"] += len(batch)
+        _sweep(c, run.id, now, [(payment, None) for payment in batch], counts)
+        seen.update(payment.intent_id for payment in batch if payment.intent_id)
+        if len(batch) < SWEEP_BATCH:
             break
+        after = batch[-1].payment_id
     # Then what Stripe itself lists for the last 8 days: intents this
     # database lost track of, or whose payment looks settled but is not.
     since = int((now - timedelta(days=8)).timestamp())
     listed = iter(c.gateways.stripe.list_payment_intents(created_gte=since))
-    while batch_of := _take(listed, 50, skip=seen):
+    while batch_of := _take(listed, SWEEP_BATCH, skip=seen):
+        counts["listed"] += len(batch_of)
+        with c.sessions() as session:
+            known = payment_intent_sweep.payments_for_intents(session, batch_of)
+        if known:
+            counts["listed_known"] += len(known)
+        orphans = [intent for intent in batch_of if intent.id not in known]
+        for found in c.provider_calls.map(partial(_handle_orphan, c, run.id), orphans):
+            counts.update(found)
+        _sweep(
+            c, run.id, now, [(known[intent.id], intent) for intent in batch_of if intent.id in known], counts
+        )
+
+
+SWEEP_BATCH = 50
+
+SweepItem = tuple[payment_intent_sweep.OpenPayment, PaymentIntent | None]
+
+
+def _sweep(c: JobContext, run_id: int, now: datetime, items: list[SweepItem], counts: Counter[str]) -> None:
+    answers = c.provider_calls.map(partial(_ask_stripe, c, run_id, now), items)
+    for (payment, _), answer in zip(items, answers, strict=True):
+        if isinstance(answer, ProviderError):
+            log.warning("payment %s not synced: %s", payment.payment_id, answer.detail)
+            counts["provider_errors"] += 1
+            continue
         with c.sessions.begin() as session:
-            for intent in batch_of:
-                counts["listed"] += 1
-                counts.update(
-                    payment_intent_sweep.sync_listed_intent(
-                        session, c.gateways.stripe, intent, now, window, run_id=run.id
-                    )
-                )
+            counts.update(payment_intent_sweep.settle(session, payment, answer, now))
+
+
+def _ask_stripe(
+    c: JobContext, run_id: int, now: datetime, item: SweepItem
+) -> payment_intent_sweep.StripeAnswer | ProviderError:
+    payment, intent = item
+    try:
+        return payment_intent_sweep.ask_stripe(c.gateways.stripe, payment, now, run_id=run_id, intent=intent)
+    except ProviderError as error:
+        return error
+
+
+def _handle_orphan(c: JobContext, run_id: int, intent: PaymentIntent) -> Counter[str]:
+    try:
+        return payment_intent_sweep.handle_orphan(c.gateways.stripe, intent, run_id=run_id)
+    except ProviderError as error:
+        log.warning("PaymentIntent %s not synced: %s", intent.id, error.detail)
+        return Counter({"provider_errors": 1})
 
 
 def _take(items: Any, size: int, *, skip: set[str]) -> list[Any]:
