@@ -31,9 +31,28 @@ def dsn_of(database_url: str) -> str:
     return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+_READERS: dict[str, psycopg.Connection[tuple[Any, ...]]] = {}
+
+
 def rows(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return list(conn.execute(sql, params).fetchall())
+    """One kept connection per database: the PostgreSQL server is shared
+    with other suites, and a poll that opened a connection each time could
+    find it full."""
+    conn = _READERS.get(dsn)
+    if conn is None or conn.closed:
+        conn = _READERS[dsn] = _connect(dsn)
+    return list(conn.execute(sql, params).fetchall())
+
+
+def _connect(dsn: str) -> psycopg.Connection[tuple[Any, ...]]:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return psycopg.connect(dsn, autocommit=True)
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def one(dsn: str, sql: str, *params: Any) -> Any:

@@ -61,6 +61,11 @@ def place_orders(base: str, count: int, seed: int, workers: int = 16) -> list[Pl
 
     def place(lines: tuple[tuple[str, int], ...]) -> Placed:
         answer = checkout(base, lines)
+        for _ in range(10):  # a busy shared PostgreSQL server answers 503: a customer tries again
+            if answer.status_code != 503:
+                break
+            time.sleep(1)
+            answer = checkout(base, lines)
         assert answer.status_code == 201, answer.text
         body = answer.json()
         return Placed(body["order_id"], body["payment"]["provider_payment_id"], lines)
