@@ -75,7 +75,10 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
     admin_jobs.add_routes(app, c.sessions, s, c.publisher)
     app.add_route("/healthz", Healthz())
-    app.add_route("/readyz", Readyz(c.engine, c.broker_parameters))
+    readyz = Readyz(
+        c.engine, c.broker_parameters, cache_seconds=s.readyz_cache_seconds, timeout=s.readyz_timeout_seconds
+    )
+    app.add_route("/readyz", readyz)
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))
     return app
 
