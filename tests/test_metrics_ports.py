@@ -106,6 +106,8 @@ def test_two_workers_on_one_metrics_port_both_keep_running(start, client, sessio
 
     second, log = start(*worker, WORKER_METRICS_PORT=port)
 
+    # Needs workers/main.py to wire workers.metrics.WorkerMetrics in place of
+    # Dramatiq's Prometheus middleware, whose exporter dies on a taken port.
     warnings = eventually(lambda: _warned(log, int(port), "WORKER_METRICS_PORT"), timeout=30)
     assert len(warnings) == 1, warnings
     assert "Address already in use" not in log.read_text(errors="replace").replace(warnings[0], "")
