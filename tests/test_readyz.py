@@ -3,6 +3,7 @@ PostgreSQL sits behind a TCP proxy that black-holes on demand."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from ingress.health import CachedCheck
 from tests.conftest import eventually, free_port
 from tests.support.shop import SECRET
 from tests.support.stripe_signing import sign_stripe_payload, stripe_event
@@ -127,3 +129,33 @@ def test_a_storm_of_probes_on_a_blackholed_rabbitmq_holds_no_threads(proxied_ing
     assert healthz_took < 1.0 and webhook_took < 1.0, (healthz_took, webhook_took)
     assert max(took for _, took in answers) < TIMEOUT + 1.5
     assert {answer.status_code for answer, _ in answers} <= {200, 503}
+
+
+def test_concurrent_probes_start_one_check_and_wait_no_longer_than_the_timeout():
+    """Fifty probes at once against a dependency that hangs: one check runs;
+    its starter waits the timeout, every other probe answers at once; the
+    answer is then kept for the cache period."""
+    calls, release = [], threading.Event()
+
+    def hanging() -> None:
+        calls.append(time.monotonic())
+        release.wait(30)
+
+    check = CachedCheck(hanging, ttl=CACHE, timeout=TIMEOUT)
+
+    def probe() -> tuple[str, float]:
+        started = time.monotonic()
+        answer = check.answer(check.begin())
+        return answer, time.monotonic() - started
+
+    try:
+        with ThreadPoolExecutor(50) as probes:
+            answers = list(probes.map(lambda _: probe(), range(50)))
+        assert len(calls) == 1
+        waited = sorted(took for _, took in answers)
+        assert waited[-1] < TIMEOUT + 0.5 and waited[-2] < 0.5, waited
+        assert answers[0][0] == "not checked yet" or answers[0][0].startswith("timed out")
+        assert probe()[0].startswith("timed out") and len(calls) == 1  # cached, and still one check
+    finally:
+        release.set()
+    eventually(lambda: probe()[0] == "ok" or None, timeout=CACHE + TIMEOUT + 2)
