@@ -96,8 +96,9 @@ def test_no_product_module_imports_across_the_layers():
 
 def test_only_the_settings_read_the_environment():
     readers = [m for m, path in product_modules() if reads_environment(path.read_text())]
-    # The gunicorn hook translates settings into the variable prometheus-client reads.
-    assert sorted(readers) == ["ingress.gunicorn_conf", "payfleet.cli.fleet", "payfleet.platform.config"]
+    # The gunicorn hook translates settings into the variable prometheus-client
+    # reads; the worker's exporter takes its port from the settings.
+    assert sorted(readers) == ["ingress.gunicorn_conf", "payfleet.platform.config"]
 
 
 @pytest.mark.parametrize(

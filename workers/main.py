@@ -12,6 +12,7 @@ from payfleet.platform.config import load_settings
 from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
 from workers.apply_events import declare_event_actors
 from workers.job_runner import declare_job_actors, job_gateways
+from workers.metrics import WorkerMetrics
 
 # The stripe library logs two INFO lines per API call; in a worker each line
 # also crosses a pipe to Dramatiq's parent process. Its failures reach us as
@@ -19,7 +20,9 @@ from workers.job_runner import declare_job_actors, job_gateways
 logging.getLogger("stripe").setLevel(logging.WARNING)
 
 settings = load_settings()
-broker = build_broker(settings, metrics=True)
+broker = build_broker(settings)
+# Dramatiq's Prometheus middleware, with an exporter that survives a taken port.
+broker.add_middleware(WorkerMetrics())
 dramatiq.set_broker(broker)
 engine = make_engine(
     settings.database_url,

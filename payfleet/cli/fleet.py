@@ -32,13 +32,9 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         "--threads", str(args.threads),
         "--queues", *QUEUES,
     ]  # fmt: skip
-    # Dramatiq's Prometheus middleware reads its own variables; they are
-    # translated from the settings here and nowhere else.
-    metrics = {
-        "dramatiq_prom_host": settings.metrics_host,
-        "dramatiq_prom_port": str(settings.worker_metrics_port),
-    }
-    os.execve(sys.executable, command, {**os.environ, **metrics})
+    # The worker's metrics exporter (workers/metrics.py) reads its port and
+    # host from the settings itself.
+    os.execv(sys.executable, command)
 
 
 def _scheduler(settings: Settings, args: argparse.Namespace) -> int:

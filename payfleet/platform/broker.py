@@ -68,7 +68,7 @@ def with_connection_defaults(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
-def build_broker(settings: Settings, *, metrics: bool = False) -> RabbitmqBroker:
+def build_broker(settings: Settings) -> RabbitmqBroker:
     # Dramatiq declares `<queue>.XQ` with this TTL; RabbitMQ then drops dead
     # letters silently, so payfleet keeps them far longer than the 7-day default.
     rabbitmq.DEAD_MESSAGE_TTL = settings.dead_letter_ttl_seconds * 1000
@@ -80,9 +80,5 @@ def build_broker(settings: Settings, *, metrics: bool = False) -> RabbitmqBroker
         Pipelines(),
         RetryDelays(max_retries=settings.event_max_attempts - 1),
     ]
-    if metrics:
-        from dramatiq.middleware.prometheus import Prometheus
-
-        middleware.append(Prometheus())
     url = with_connection_defaults(settings.broker_url)
     return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
