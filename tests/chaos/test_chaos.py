@@ -63,8 +63,8 @@ class Books:
     ) -> None:
         """Settle, then every invariant; print the scenario's figures."""
         paid_ids = {placed.order_id for placed in paid}
-        settle = wait_settled(self.dsn, paid_ids, SETTLE_WITHIN)
         assert_stored(self.dsn, answered)
+        settle = wait_settled(self.dsn, paid_ids, SETTLE_WITHIN)
         lag = worst_lag(self.dsn, first_success_answers(paid, answered))
         assert_books_balance(self.dsn, initial, paid_ids)
         assert dead_letters(self.broker_url) == {"payments": 0, "jobs": 0, "notifications": 0}
@@ -176,6 +176,7 @@ def test_postgresql_cut_under_load_answers_503_or_a_stored_200(books: Books, sca
     senders.send(after)
     answered = senders.finish()
     assert senders.errors == [], "only 200 or 503 may answer a webhook while PostgreSQL is away"
+    assert_stored(books.dsn, answered)
     refused = sum(status == 503 for d in answered for status in d.statuses)
     assert refused > 0, "the cut never showed: no webhook was answered 503"
     print(f"\nchaos PostgreSQL cut: {refused} answers were 503, each retried until stored")
