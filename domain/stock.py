@@ -89,10 +89,39 @@ def _close_reservations(
 
 def release(session: Session, order_id: uuid.UUID) -> list[Line]:
     """Give the order's reserved units back to the shelf."""
-    released = _close_reservations(session, [order_id], "released").get(order_id, [])
-    for sku, quantity in released:
-        _change(session, sku, reserved=-quantity)
+    return release_many(session, [order_id]).get(order_id, [])
+
+
+def release_many(session: Session, order_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Line]]:
+    """Give several orders' reserved units back to the shelf in one go: their
+    reservations close first, then the product rows are locked in SKU order
+    across all of them and changed by one UPDATE. Released order by order,
+    a transaction would lock one order's SKUs, then the next order's (C,
+    then A), while a checkout locks A then C: a deadlock. Returns each
+    order's released lines, sorted."""
+    released = _close_reservations(session, order_ids, "released")
+    totals: Counter[str] = Counter()
+    for lines in released.values():
+        for sku, quantity in lines:
+            totals[sku] += quantity
+    _give_back(session, totals)
     return released
+
+
+def _give_back(session: Session, units: Counter[str]) -> None:
+    """Reserved units back to the shelf, each product row locked in SKU order."""
+    skus = sorted(sku for sku, quantity in units.items() if quantity)
+    if not skus:
+        return
+    if len(skus) == 1:
+        _change(session, skus[0], reserved=-units[skus[0]])
+        return
+    connection = session.connection()
+    # Locked in SKU order first: the UPDATE visits rows in its plan's order.
+    connection.execute(_LOCK_PRODUCTS, {"skus": skus})
+    params = {"skus": skus, "on_hand": [0] * len(skus), "reserved": [-units[sku] for sku in skus]}
+    for row in connection.execute(_CHANGE_MANY_UNITS, params):
+        _warn_low(row)
 
 
 def consume_reservations(session: Session, order_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Line]]:
@@ -312,8 +341,8 @@ def release_expired_reservations(
     session: Session, now: datetime, ttl: timedelta, *, after: uuid.UUID | None = None, limit: int = 100
 ) -> tuple[Counter[str], uuid.UUID | None]:
     """Active reservations older than `ttl` whose order is not paid go back
-    to the shelf, one order at a time under its row lock. The order itself
-    stays as it is (expiring it is the expire job's work)."""
+    to the shelf, under their orders' row locks. The order itself stays as
+    it is (expiring it is the expire job's work)."""
     old = select(StockReservation.order_id).where(
         StockReservation.status == "active", StockReservation.created_at < now - ttl
     )
@@ -327,9 +356,9 @@ def release_expired_reservations(
     if after is not None:
         query = query.where(Order.id > after)
     orders = list(session.scalars(query))
-    counts: Counter[str] = Counter()
-    for order in orders:
-        released = release(session, order.id)
-        counts["orders_released"] += 1
-        counts["units_released"] += sum(quantity for _, quantity in released)
-    return counts, orders[-1].id if len(orders) == limit else None
+    # All the batch's orders at once, so its product rows are locked in one
+    # SKU order (see release_many), never order by order.
+    released = release_many(session, [order.id for order in orders])
+    units = sum(quantity for lines in released.values() for _, quantity in lines)
+    counts = Counter({"orders_released": len(released), "units_released": units})
+    return +counts, orders[-1].id if len(orders) == limit else None
