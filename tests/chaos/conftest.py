@@ -6,6 +6,7 @@ CHAOS_SCALE."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,7 +82,10 @@ def _base_env(database_url: str, broker_url: str, stripe: FakeStripe, metrics_po
 
 
 @pytest.fixture(scope="module")
-def fleet(database_url: str, broker_url: str, chaos_stripe: FakeStripe) -> Iterator[Fleet]:
+def fleet(
+    request: pytest.FixtureRequest, database_url: str, broker_url: str, chaos_stripe: FakeStripe
+) -> Iterator[Fleet]:
+    failed_before = request.session.testsfailed
     logs = Path(tempfile.mkdtemp(prefix="payfleet-chaos-"))
     base = _base_env(database_url, broker_url, chaos_stripe, free_port())
     with proxies() as (pg, amqp):
@@ -94,4 +98,7 @@ def fleet(database_url: str, broker_url: str, chaos_stripe: FakeStripe) -> Itera
             yield running
         finally:
             running.stop()
-    print(f"\nchaos: fleet logs in {logs}")
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(logs, ignore_errors=True)  # the logs of a failed run are kept for reading
+    else:
+        print(f"\nchaos: fleet logs in {logs}")
