@@ -11,8 +11,9 @@ from dataclasses import replace
 from typing import Any
 
 import psycopg
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
+from payfleet.platform.db import make_sessions
 from tests.conftest import eventually, scalar
 from tests.fakes.stripe_server import CANCELABLE_STATUSES, FakeStripe
 from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
@@ -317,3 +318,29 @@ def test_an_order_stripe_keeps_calling_pending_needs_attention_once_overdue_and_
         sessions, "SELECT count(*) FROM stock_movements WHERE reference = :o AND type = 'sale'", o=overdue
     )
     assert sales == 1
+
+
+def test_an_order_whose_row_stays_locked_elsewhere_is_left_for_the_next_run(
+    client, database_url, settings, fake_stripe
+):
+    """A session holds a stale order's payment row (stuck, or its client
+    gone): past the lock timeout that order is left for the next run and
+    counted, the others are settled, and the run succeeds."""
+    impatient = create_engine(database_url, connect_args={"options": "-c lock_timeout=300"})
+    sessions = make_sessions(impatient)
+    put_product(client, "STUCK", 10)
+    ids = [stripe_order(client, "STUCK")[0] for _ in range(3)]
+    make_stale(sessions, *ids)
+    try:
+        with job_runner(sessions, settings) as runner:
+            with sessions() as holder:
+                holder.execute(text("SELECT 1 FROM payments WHERE order_id = :o FOR UPDATE"), {"o": ids[0]})
+                first = run_job(runner, sessions, "expire-stale-orders")
+            second = run_job(runner, sessions, "expire-stale-orders")
+        assert first["state"] == "succeeded", first["error"]
+        assert first["counts"]["locked_elsewhere"] == 1 and first["counts"]["expired"] == 2, first
+        assert second["counts"]["expired"] == 1, second
+        assert [order_status(sessions, order) for order in ids] == [("expired", "canceled")] * 3
+        assert product(client, "STUCK")["reserved"] == 0
+    finally:
+        impatient.dispose()

@@ -26,6 +26,7 @@ import dramatiq
 from dramatiq import Broker
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import carts, expire_orders, job_runs, payment_intent_sweep, review_requests, stock
@@ -116,8 +117,17 @@ def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -
                     log.warning("order %s left pending: %s", stale.order_id, verdict.detail)
                     continue
                 verdict = Verdict("unanswered", f"the provider keeps failing: {verdict.detail}")
-            with c.sessions.begin() as session:
-                counts.update(expire_orders.settle(session, stale, verdict, c.clock(), attention_after))
+            _settle(
+                c,
+                counts,
+                partial(
+                    expire_orders.settle,
+                    order=stale,
+                    verdict=verdict,
+                    now=c.clock(),
+                    attention_after=attention_after,
+                ),
+            )
         if len(batch) < EXPIRE_BATCH:
             return
         after = batch[-1].order_id
@@ -183,8 +193,7 @@ def _sweep(c: JobContext, run_id: int, now: datetime, items: list[SweepItem], co
             log.warning("payment %s not synced: %s", payment.payment_id, answer.detail)
             counts["provider_errors"] += 1
             continue
-        with c.sessions.begin() as session:
-            counts.update(payment_intent_sweep.settle(session, payment, answer, now))
+        _settle(c, counts, partial(payment_intent_sweep.settle, payment=payment, answer=answer, now=now))
 
 
 def _ask_stripe(
@@ -203,6 +212,23 @@ def _handle_orphan(c: JobContext, run_id: int, intent: PaymentIntent) -> Counter
     except ProviderError as error:
         log.warning("PaymentIntent %s not synced: %s", intent.id, error.detail)
         return Counter({"provider_errors": 1})
+
+
+def _settle(c: JobContext, counts: Counter[str], settle: Callable[[Session], Counter[str]]) -> None:
+    """One order's short transaction. A row another session holds past the
+    lock timeout (DB_LOCK_TIMEOUT_SECONDS) leaves that order for the next
+    run, counted, rather than failing the whole run."""
+    try:
+        with c.sessions.begin() as session:
+            counts.update(settle(session))
+    except OperationalError as error:
+        if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        log.warning("a row stayed locked elsewhere; left for the next run: %s", error.orig)
+        counts["locked_elsewhere"] += 1
+
+
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's lock_not_available (lock_timeout, NOWAIT)
 
 
 def _take(items: Any, size: int, *, skip: set[str]) -> list[Any]:
