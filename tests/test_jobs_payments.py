@@ -263,7 +263,7 @@ def attention_list(client) -> list[str]:
     return sorted(o["id"] for o in answer.json["orders"])
 
 
-def last_transition(client, order_id: str) -> dict[str, Any]:
+def last_transition(client, order_id: str) -> Any:
     timeline = client.simulate_get(f"/admin/orders/{order_id}", headers=ADMIN).json["timeline"]
     return [entry for entry in timeline if entry["kind"] == "transition"][-1]
 
