@@ -132,27 +132,24 @@ def _assert_one_sale_per_line(dsn: str, paid: set[str]) -> Counter[str]:
 
 
 def _assert_stock(dsn: str, initial: dict[str, int], sold: Counter[str]) -> None:
+    # One statement, one snapshot: the expire job may be releasing holds meanwhile.
     stock = {
-        sku: (on_hand, reserved)
-        for sku, on_hand, reserved in rows(dsn, "SELECT sku, on_hand, reserved FROM products")
-    }
-    held = dict(
-        rows(
+        sku: (on_hand, reserved, held, active)
+        for sku, on_hand, reserved, held, active in rows(
             dsn,
-            "SELECT l.sku, sum(l.quantity)::int FROM order_lines l JOIN orders o ON o.id = l.order_id"
-            " WHERE o.status = 'pending_payment' GROUP BY l.sku",
+            "SELECT p.sku, p.on_hand, p.reserved,"
+            " (SELECT coalesce(sum(l.quantity), 0)::int FROM order_lines l JOIN orders o ON o.id = l.order_id"
+            "   WHERE l.sku = p.sku AND o.status = 'pending_payment'),"
+            " (SELECT coalesce(sum(r.quantity), 0)::int FROM stock_reservations r"
+            "   WHERE r.sku = p.sku AND r.status = 'active')"
+            " FROM products p",
         )
-    )
-    active = dict(
-        rows(
-            dsn, "SELECT sku, sum(quantity)::int FROM stock_reservations WHERE status = 'active' GROUP BY sku"
-        )
-    )
+    }
     for sku, start in initial.items():
-        on_hand, reserved = stock[sku]
+        on_hand, reserved, held, active = stock[sku]
         assert on_hand == start - sold[sku], f"{sku}: on_hand {on_hand}, expected {start} - {sold[sku]}"
-        assert reserved == held.get(sku, 0) == active.get(sku, 0), (
-            f"{sku}: reserved {reserved}, open orders hold {held.get(sku, 0)}, active {active.get(sku, 0)}"
+        assert reserved == held == active, (
+            f"{sku}: reserved {reserved}, open orders hold {held}, active {active}"
         )
 
 

@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from payfleet.platform.db import migrate
 from tests.chaos.fleet import Fleet, fleet_env, proxies
-from tests.conftest import ADMIN_TOKEN, MONETBIL_KEY, MONETBIL_SECRET, WEBHOOK_SECRETS, free_port
+from tests.conftest import (
+    ADMIN_TOKEN,
+    AMQP_HOST_PART,
+    MONETBIL_KEY,
+    MONETBIL_SECRET,
+    PG_ADMIN_URL,
+    PG_HOST_PART,
+    WEBHOOK_SECRETS,
+    free_port,
+)
 from tests.fakes.stripe_server import FakeStripe
 
 
@@ -73,20 +86,51 @@ def _base_env(database_url: str, broker_url: str, stripe: FakeStripe, metrics_po
         "OUTBOX_RELAY_GRACE_SECONDS": "0.5",
         # Both schedulers are replicas with one configuration, as on one host.
         "SCHEDULER_METRICS_PORT": str(metrics_port),
-        # The stock jobs fire every 5 s, racing checkouts and events on the same rows.
+        # The stock jobs fire every 5 s and an order's window is 8 s, so during the
+        # outages the expire job asks Stripe about orders being paid, pays those
+        # that succeeded (racing their webhook) and expires the abandoned ones.
         "JOB_SCHEDULES": "expire-stale-orders=* * * * * */5;release-expired-reservations=* * * * * */5",
+        "ORDER_PAYMENT_WINDOW_SECONDS": "8",
         "DB_POOL_SIZE": "6",
         "WEB_CONCURRENCY": "2",
         "PYTHONUNBUFFERED": "1",
     }
 
 
+def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def chaos_world() -> Iterator[tuple[str, str]]:
+    """A database and a vhost of the fleet's own, for the whole module: the
+    suite's per-test TRUNCATE would race (and deadlock with) a fleet that
+    keeps running between scenarios, so the scenarios share one history and
+    each uses SKUs of its own."""
+    name = f"payfleet_chaos_{os.getpid()}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    database_url = f"{PG_HOST_PART}/{name}"
+    try:
+        migrate(database_url)
+        yield database_url, f"{AMQP_HOST_PART}/{urllib.parse.quote(name, safe='')}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _rabbitmqctl("delete_vhost", name)
+
+
 @pytest.fixture(scope="module")
 def fleet(
-    request: pytest.FixtureRequest, database_url: str, broker_url: str, chaos_stripe: FakeStripe
+    request: pytest.FixtureRequest, chaos_world: tuple[str, str], chaos_stripe: FakeStripe
 ) -> Iterator[Fleet]:
     failed_before = request.session.testsfailed
     logs = Path(tempfile.mkdtemp(prefix="payfleet-chaos-"))
+    database_url, broker_url = chaos_world
     base = _base_env(database_url, broker_url, chaos_stripe, free_port())
     with proxies() as (pg, amqp):
         running = Fleet(fleet_env(base, pg, amqp), logs, pg, amqp)

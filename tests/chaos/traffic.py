@@ -22,7 +22,11 @@ from tests.support.stripe_signing import sign_stripe_payload
 
 RETRY_AFTER_503 = 0.2  # Stripe backs off for longer; the promise is the same
 GIVE_UP_AFTER = 180.0
-SKUS = ("CHAOS-A", "CHAOS-B", "CHAOS-C", "CHAOS-D", "CHAOS-E")
+
+
+def skus_of(scenario: str) -> tuple[str, ...]:
+    """Five SKUs of a scenario's own: the scenarios share one database."""
+    return tuple(f"{scenario}-{letter}" for letter in "ABCDE")
 
 
 @dataclass(frozen=True)
@@ -49,15 +53,15 @@ def checkout(base: str, lines: Sequence[tuple[str, int]], session: requests.Sess
     return (session or requests).post(f"{base}/checkout", json=body, timeout=60)
 
 
-def random_lines(rng: random.Random) -> tuple[tuple[str, int], ...]:
+def random_lines(rng: random.Random, skus: Sequence[str]) -> tuple[tuple[str, int], ...]:
     """One to three lines on distinct SKUs: orders that share rows, locked in SKU order."""
-    skus = rng.sample(SKUS, rng.randint(1, 3))
-    return tuple((sku, rng.randint(1, 2)) for sku in skus)
+    chosen = rng.sample(list(skus), rng.randint(1, 3))
+    return tuple((sku, rng.randint(1, 2)) for sku in chosen)
 
 
-def place_orders(base: str, count: int, seed: int, workers: int = 16) -> list[Placed]:
+def place_orders(base: str, skus: Sequence[str], count: int, seed: int, workers: int = 16) -> list[Placed]:
     rng = random.Random(seed)
-    wanted = [random_lines(rng) for _ in range(count)]
+    wanted = [random_lines(rng, skus) for _ in range(count)]
 
     def place(lines: tuple[tuple[str, int], ...]) -> Placed:
         answer = checkout(base, lines)
