@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeAlias, cast
 
 from sqlalchemy import Table, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session
 
 from domain.errors import (
@@ -203,6 +204,11 @@ MONETBIL_HANDLERS: dict[str, Handler] = {
 HANDLERS = {"stripe": STRIPE_HANDLERS, "monetbil": MONETBIL_HANDLERS}
 
 
+class MalformedEvent(Exception):
+    """A stored event lacks the shape its provider's rules read (stored by
+    an older version, or edited by hand): no retry will find it otherwise."""
+
+
 def target_of(event: StoredEvent) -> Target | None:
     handler = HANDLERS[event.provider].get(event.event_type)
     return handler(_subject(event)) if handler else None
@@ -210,8 +216,14 @@ def target_of(event: StoredEvent) -> Target | None:
 
 def _subject(event: StoredEvent) -> dict[str, Any]:
     """The object an event is about: Stripe's data.object, Monetbil's form."""
-    subject = event.payload["data"]["object"] if event.provider == "stripe" else event.payload
-    return cast(dict[str, Any], subject)
+    payload = event.payload
+    if event.provider == "stripe":
+        data = payload.get("data") if isinstance(payload, dict) else None
+        payload = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(payload, dict):
+        where = "data.object" if event.provider == "stripe" else "the callback form"
+        raise MalformedEvent(f"stored {event.provider} event has no {where} object")
+    return payload
 
 
 # --- Monetbil -----------------------------------------------------------------
@@ -319,7 +331,12 @@ def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
     for event in locked:
         if event.status != "received":
             settled[event.id] = str(event.status)
-        elif (target := target_of(event)) is None:
+            continue
+        try:
+            target = target_of(event)
+        except MalformedEvent:
+            continue  # left for apply_event alone: its error is its own, not the batch's
+        if target is None:
             verdicts[event.id] = ("ignored", None)
         elif event.provider == "stripe" and event.provider_payment_id:
             stripe_events.append((event, target))
@@ -441,7 +458,9 @@ def _find_stripe_payment(session: Session, event: StoredEvent) -> PaymentRow | N
             return found
     # The webhook can beat the checkout's last commit (the one that stores the
     # PaymentIntent id); the intent's metadata names our payment directly.
-    metadata = event.payload["data"]["object"].get("metadata") or {}
+    metadata = _subject(event).get("metadata")
+    if not isinstance(metadata, dict):
+        return None
     try:
         payment_id = uuid.UUID(str(metadata.get("payment_id")))
     except ValueError:
@@ -450,22 +469,28 @@ def _find_stripe_payment(session: Session, event: StoredEvent) -> PaymentRow | N
 
 
 def _find_monetbil_payment(session: Session, event: StoredEvent) -> PaymentRow | None:
-    """By payment_ref (our order id), then transaction_id, then
-    transaction_uuid; the first match learns the identifiers it lacks."""
-    form = event.payload
-    connection = session.connection()
+    """The payment a Monetbil event is about; it learns the identifiers it lacks."""
+    payment = _match_monetbil_payment(session, event)
+    if payment is not None:
+        form = _subject(event)
+        learned = {
+            "transaction_id": form.get("transaction_id"),
+            "transaction_uuid": form.get("transaction_uuid"),
+        }
+        session.connection().execute(_LEARN_IDS, {"payment_id": payment.id, **learned})
+    return payment
+
+
+def _match_monetbil_payment(session: Session, event: StoredEvent) -> PaymentRow | None:
+    """By payment_ref (our order id), then transaction_id, then transaction_uuid."""
+    form = _subject(event)
     keys: list[tuple[str, Any]] = []
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
         keys.append(("payment_ref", uuid.UUID(form.get("payment_ref", ""))))
     keys += [(field, form[field]) for field in ("transaction_id", "transaction_uuid") if form.get(field)]
     for field, key in keys:
-        payment = connection.execute(_MONETBIL_PAYMENT[field], {"key": key}).first()
+        payment = session.connection().execute(_MONETBIL_PAYMENT[field], {"key": key}).first()
         if payment is not None:
-            learned = {
-                "transaction_id": form.get("transaction_id"),
-                "transaction_uuid": form.get("transaction_uuid"),
-            }
-            connection.execute(_LEARN_IDS, {"payment_id": payment.id, **learned})
             return payment
     return None
 
@@ -495,26 +520,76 @@ FINDERS: dict[str, Callable[[Session, StoredEvent], PaymentRow | None]] = {
     "stripe": _find_stripe_payment,
     "monetbil": _find_monetbil_payment,
 }
+# The same search, changing nothing (what give_up asks).
+_MATCHERS: dict[str, Callable[[Session, StoredEvent], PaymentRow | None]] = {
+    "stripe": _find_stripe_payment,
+    "monetbil": _match_monetbil_payment,
+}
 
 
-def record_failed_attempt(session: Session, event_id: int, error: BaseException) -> None:
+# Errors a retry would meet again, whatever the wait: a stored payload
+# without its shape, a state the rules refuse, a value PostgreSQL rejects
+# (SQLSTATE class 22). The event actor fails them at once (`throws=`). Not
+# every DomainError: a ProviderError (an outage) may pass.
+UNCURABLE: tuple[type[Exception], ...] = (MalformedEvent, InvalidRequest, Conflict, NotFound, DataError)
+
+
+def describe_failure(error: BaseException) -> str:
+    """What an event keeps of a failed attempt, for the operator. A database
+    error is named by its class, SQLSTATE and constraint, never by its text:
+    PostgreSQL's messages quote the values of the row (emails, phones,
+    payloads), which no stored reason may carry."""
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        return _describe_database_error(error.orig)
+    return f"{type(error).__name__}: {error}"[:2000]
+
+
+def _describe_database_error(orig: BaseException) -> str:
+    diag = getattr(orig, "diag", None)
+    named = [
+        f"{label} {value}"
+        for label, value in (
+            ("SQLSTATE", getattr(orig, "sqlstate", None)),
+            ("constraint", getattr(diag, "constraint_name", None)),
+            ("table", getattr(diag, "table_name", None)),
+            ("column", getattr(diag, "column_name", None)),
+        )
+        if value
+    ]
+    return f"{type(orig).__name__} ({', '.join(named)})" if named else type(orig).__name__
+
+
+def record_failed_attempt(session: Session, event_id: int, reason: str, *, final: bool = False) -> None:
+    """Count a failed attempt and keep why. `final`: waiting cannot help, so
+    the event is settled failed now instead of after its retries."""
+    values: dict[str, Any] = {"attempts": ProviderEvent.attempts + 1, "last_error": reason[:2000]}
+    if final:
+        values |= {"status": "failed", "processed_at": func.now()}
     session.execute(
         update(ProviderEvent)
         .where(ProviderEvent.id == event_id, ProviderEvent.status == "received")
-        .values(attempts=ProviderEvent.attempts + 1, last_error=f"{type(error).__name__}: {error}"[:2000])
+        .values(**values)
     )
 
 
 def give_up(session: Session, event_id: int) -> str:
-    """Retries are exhausted: settle the event as unmatched (its payment never
-    appeared) or failed, keeping its last error for the operator."""
+    """Retries are exhausted: settle the event as unmatched when its payment
+    still cannot be found (it never appeared), failed otherwise. Decided by
+    looking for the payment, not by reading last_error, which stays as the
+    operator's reason."""
     event = session.get(ProviderEvent, event_id, with_for_update=True)
     if event is None or event.status != "received":
         return event.status if event else "missing"
-    unmatched = (event.last_error or "").startswith(PaymentNotFound.__name__)
-    event.status = "unmatched" if unmatched else "failed"
+    event.status = "failed" if _payment_known(session, event) else "unmatched"
     event.processed_at = datetime.now(UTC)
     return event.status
+
+
+def _payment_known(session: Session, event: ProviderEvent) -> bool:
+    try:
+        return _MATCHERS[event.provider](session, event) is not None
+    except MalformedEvent:
+        return True  # nothing to match: a failure of its own, not a missing payment
 
 
 def lock_unpublished(session: Session, *, grace: timedelta, stuck_after: timedelta, limit: int) -> list[int]:

@@ -79,6 +79,7 @@ def test_a_lock_wait_longer_than_the_lock_timeout_fails_with_lock_not_available(
     started = time.monotonic()
     try:
         with pytest.raises(OperationalError) as raised, engine.begin() as connection:
+            connection.execute(text("SET LOCAL statement_timeout = '5s'"))  # a backstop, not the bound tested
             connection.execute(text("SELECT 1 FROM products WHERE sku = :s FOR UPDATE"), {"s": product_row})
     finally:
         engine.dispose()

@@ -4,11 +4,14 @@ service and commit. Retry policy is declared here, on the actor."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
 from dramatiq import Broker
+from dramatiq.middleware import TimeLimitExceeded
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import events
@@ -27,14 +30,60 @@ APPLY_BATCH_MAX = 64
 # How long a batch may wait for the process's other threads (see GroupCommit).
 APPLY_BATCH_LINGER = 0.005
 
+# The share of the actor's time limit an attempt's statements may use; the
+# rest is left to record the attempt before Dramatiq's TimeLimit interrupts.
+STATEMENTS_SHARE = 0.9
+# One transaction's statement timeout (local to it).
+_STATEMENT_TIMEOUT = text("SELECT set_config('statement_timeout', :ms, true)")
+
+
+class AttemptTimedOut(Exception):
+    """The attempt used up its time limit before it could start another step."""
+
+
+class Deadlines:
+    """An attempt's time limit, told to PostgreSQL. Dramatiq's TimeLimit
+    raises in the worker thread, which only sees it once it runs Python
+    again: never while it waits inside a statement for a row lock, nor while
+    it waits for its batch. So each transaction of an attempt gets a
+    statement timeout ending before the limit whenever the session's own
+    timeout would end later."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.time_limit = settings.event_time_limit_seconds
+        self._statements_for = self.time_limit * STATEMENTS_SHARE
+        self._session_timeout = settings.db_statement_timeout_seconds
+
+    def start(self) -> float:
+        return time.monotonic() + self._statements_for
+
+    def bound(self, session: Session, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AttemptTimedOut(f"no time left of the attempt's {self.time_limit:g} s limit")
+        if 0 < self._session_timeout <= remaining:
+            return  # the session's timeout comes first: no extra statement on the usual path
+        session.execute(_STATEMENT_TIMEOUT, {"ms": str(max(1, int(remaining * 1000)))})
+
+    def reason(self, error: BaseException, deadline: float) -> str:
+        """Why the attempt failed, as the event keeps it: a statement the
+        deadline cancelled is the time limit too."""
+        limited = f"TimeLimitExceeded: the attempt ran past its {self.time_limit:g} s time limit"
+        if isinstance(error, TimeLimitExceeded):
+            return limited
+        described = events.describe_failure(error)
+        return f"{limited} ({described})" if time.monotonic() >= deadline else described
+
 
 def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settings: Settings) -> None:
     monetbil = MonetbilApiGateway(
         settings.monetbil_service_key, settings.monetbil_api_base, timeout=settings.monetbil_timeout_seconds
     )
+    deadlines = Deadlines(settings)
 
     def apply_batch(event_ids: Sequence[int]) -> list[str | None]:
         with sessions.begin() as session:
+            deadlines.bound(session, deadlines.start())
             settled = events.apply_events(session, event_ids)
         return [settled.get(event_id) for event_id in event_ids]
 
@@ -45,7 +94,7 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
         apply_batch, max_size=APPLY_BATCH_MAX, linger=APPLY_BATCH_LINGER, name="apply-events"
     )
 
-    def apply_grouped(event_id: int) -> tuple[str, MonetbilCheck | None]:
+    def apply_grouped(event_id: int, deadline: float) -> tuple[str, MonetbilCheck | None]:
         try:
             status = batches.call(event_id)
         except Exception:
@@ -54,19 +103,21 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
             # event that has it, with its own retries.
             log.info("event %s: its batch failed; applying it alone", event_id, exc_info=True)
             status = None
-        return (status, None) if status is not None else apply(event_id)
+        return (status, None) if status is not None else apply(event_id, deadline)
 
-    def apply(event_id: int) -> tuple[str, MonetbilCheck | None]:
+    def apply(event_id: int, deadline: float) -> tuple[str, MonetbilCheck | None]:
         """One transaction for most events. A claimed Monetbil success first
         rolls back, asks check-payment outside any transaction (no row lock
         waits on the network; an outage raises and is retried), then applies
         with the answer."""
         try:
             with sessions.begin() as session:
+                deadlines.bound(session, deadline)
                 return events.apply_event(session, event_id), None
         except ConfirmationNeeded as needed:
             confirmed = monetbil.check_transaction(needed.transaction_id)
         with sessions.begin() as session:
+            deadlines.bound(session, deadline)
             return events.apply_event(session, event_id, confirmed), confirmed
 
     @dramatiq.actor(
@@ -76,22 +127,29 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
         max_retries=settings.event_max_attempts - 1,
         retry_delays=tuple(int(delay * 1000) for delay in settings.event_retry_delays_seconds),
         time_limit=int(settings.event_time_limit_seconds * 1000),
+        # Failed at once, without retries (the event settled failed with why).
+        throws=events.UNCURABLE,
         on_retry_exhausted="give_up_event",
     )
     def apply_event(event_id: int) -> None:
+        deadline = deadlines.start()
         try:
-            status, confirmed = apply_grouped(event_id)
+            status, confirmed = apply_grouped(event_id, deadline)
             # Counted once the verdict is committed, not once per attempt.
             if confirmed is not None and (confirmed.status != "succeeded" or status == "failed"):
                 log.warning(
                     "Monetbil event %s: callback said success, check-payment says %s", event_id, confirmed
                 )
                 metrics.monetbil_disagreements().inc()
-        except Exception as error:
+        except BaseException as error:
             # Kept on the event row (its own transaction, the first rolled
-            # back) so the operator sees why it is waiting; then retried.
+            # back) so the operator sees why it is waiting; then retried, or
+            # settled failed now when waiting cannot help. BaseException:
+            # an attempt Dramatiq's TimeLimitExceeded ends is an attempt too.
+            reason = deadlines.reason(error, deadline)
+            final = isinstance(error, events.UNCURABLE)
             with sessions.begin() as session:
-                events.record_failed_attempt(session, event_id, error)
+                events.record_failed_attempt(session, event_id, reason, final=final)
             raise
         log.info("event %s: %s", event_id, status)
 
