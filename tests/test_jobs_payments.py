@@ -10,13 +10,13 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-import psycopg
 from sqlalchemy import create_engine, text
 
 from payfleet.platform.db import make_sessions
 from tests.conftest import eventually, scalar
 from tests.fakes.stripe_server import CANCELABLE_STATUSES, FakeStripe
 from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
+from tests.support.locks import SLOW, lock_probe
 from tests.support.shop import ADMIN, deliver, intent_event, product, put_product
 
 
@@ -220,39 +220,21 @@ def test_a_refused_cancel_is_not_replayed_by_the_next_run(client, sessions, sett
 
 def test_expire_holds_no_row_lock_while_stripe_answers(client, sessions, settings, fake_stripe, database_url):
     """Stripe answering slowly must not hold the orders' rows: a probe that
-    may wait 200 ms for their locks gets them throughout the run (the run
-    itself takes seconds)."""
+    may wait a fraction of a call for their locks gets them throughout the
+    run (the run itself takes seconds)."""
     put_product(client, "SLOW", 10)
     placed = [stripe_order(client, "SLOW") for _ in range(3)]
     make_stale(sessions, *(order for order, _ in placed))
     ids = [order for order, _ in placed]
-    fake_stripe.delay(0.4)
-    refused: list[str] = []
-    done = threading.Event()
-
-    def probe() -> None:
-        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
-            conn.execute("SET lock_timeout = '200ms'")
-            while not done.is_set():
-                try:
-                    with conn.transaction():
-                        conn.execute("SELECT 1 FROM payments WHERE order_id = ANY(%s) FOR UPDATE", (ids,))
-                        conn.execute("SELECT 1 FROM orders WHERE id = ANY(%s) FOR UPDATE", (ids,))
-                except psycopg.errors.LockNotAvailable as error:
-                    refused.append(str(error))
-                time.sleep(0.05)
-
-    prober = threading.Thread(target=probe)
-    with job_runner(sessions, replace(settings, provider_concurrency=1)) as runner:
-        prober.start()
+    fake_stripe.delay(SLOW)
+    one_at_a_time = replace(settings, provider_concurrency=1)
+    with job_runner(sessions, one_at_a_time) as runner, lock_probe(database_url, ids, "SLOW") as refused:
         started = time.monotonic()
         run = run_job(runner, sessions, "expire-stale-orders")
         took = time.monotonic() - started
-    done.set()
-    prober.join()
 
     assert run["state"] == "succeeded" and run["counts"]["expired"] == 3, run
-    assert took >= 6 * 0.4  # a retrieve and a cancel per order, one after another
+    assert took >= 6 * SLOW  # a retrieve and a cancel per order, one after another
     assert refused == []
     assert [order_status(sessions, order) for order in ids] == [("expired", "canceled")] * 3
 

@@ -10,21 +10,19 @@ Stripe, and the real Monetbil client talking to the fake Monetbil."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 from sqlalchemy import text
 
 from domain import events, expire_orders
 from tests.conftest import eventually, scalar
 from tests.fakes.stripe_server import FakeStripe
 from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
+from tests.support.locks import SLOW, lock_probe
 from tests.support.shop import (
     deliver,
     event_id_of,
@@ -34,43 +32,6 @@ from tests.support.shop import (
     put_product,
 )
 from workers.job_runner import job_gateways
-
-SLOW = 1.0  # seconds each provider answer takes
-PATIENCE = "600ms"  # how long the probe waits for a lock: far more than a settle, less than a call
-
-
-@contextmanager
-def lock_probe(database_url: str, order_ids: list[str], sku: str) -> Iterator[list[str]]:
-    """A connection that, all the while, takes the orders', their payments'
-    and the product's row locks, waiting at most PATIENCE for each; yields
-    the refusals (a lock held across a provider call shows up here)."""
-    refused: list[str] = []
-    done = threading.Event()
-
-    def probe() -> None:
-        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
-            conn.execute(f"SET lock_timeout = '{PATIENCE}'")
-            while not done.is_set():
-                try:
-                    with conn.transaction():
-                        conn.execute(
-                            "SELECT 1 FROM payments WHERE order_id = ANY(%s::uuid[]) FOR UPDATE", (order_ids,)
-                        )
-                        conn.execute(
-                            "SELECT 1 FROM orders WHERE id = ANY(%s::uuid[]) FOR UPDATE", (order_ids,)
-                        )
-                        conn.execute("SELECT 1 FROM products WHERE sku = %s FOR UPDATE", (sku,))
-                except psycopg.errors.LockNotAvailable as error:
-                    refused.append(str(error))
-                time.sleep(0.05)
-
-    prober = threading.Thread(target=probe, daemon=True)
-    prober.start()
-    try:
-        yield refused
-    finally:
-        done.set()
-        prober.join(timeout=10)
 
 
 def stock_of(sessions: Any, sku: str) -> tuple[int, int]:
