@@ -177,9 +177,14 @@ def record_send_failure(session: Session, request_id: int, error: MessagingError
 
 
 def give_up_review_request(session: Session, request_id: int) -> str:
+    """Its retries are exhausted: a request still waiting to be sent is
+    failed, and says so, before the API's last refusal (kept by
+    record_send_failure) or that no attempt reached the API at all."""
     request = session.get(ReviewRequest, request_id, with_for_update=True)
     if request is None:
         return "missing"
     if request.status == "pending":
         request.status = "failed"
+        last = request.last_error or "no attempt reached the messaging API"
+        request.last_error = f"gave up after {request.attempts} attempts; last: {last}"[:2000]
     return request.status

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -18,10 +20,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
+from domain.models import Order, ReviewRequest
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
 from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
-from payfleet.platform.publishing import APPLY_EVENT
+from payfleet.platform.publishing import APPLY_EVENT, SEND_REVIEW_REQUEST
 from tests.conftest import eventually, scalar
 from tests.fakes.monetbil_server import FakeMonetbil
 from tests.support.shop import (
@@ -308,3 +311,46 @@ def test_the_time_limit_ends_an_attempt_waiting_on_a_slow_provider_and_counts_it
     row = eventually(lambda: (r := event(sessions, event_id))["status"] != "received" and r, timeout=20)
     assert row["status"] == "processed"
     assert order(client, order_id)["status"] == "paid"
+
+
+# --- the review sender ------------------------------------------------------------
+
+
+def pending_review_request(sessions: sessionmaker[Session]) -> int:
+    """A completed order's review request, waiting to be sent."""
+    order_id = uuid.uuid4()
+    with sessions.begin() as session:
+        completed = datetime.now(UTC) - timedelta(days=8)
+        session.add(
+            Order(
+                id=order_id,
+                status="completed",
+                currency="EUR",
+                total_amount=1500,
+                customer_phone="+33611111111",
+                expires_at=completed,
+                completed_at=completed,
+            )
+        )
+        session.flush()
+        request = ReviewRequest(order_id=order_id, phone="+33611111111", status="pending", attempts=0)
+        session.add(request)
+        session.flush()
+        return int(request.id)
+
+
+def test_a_review_request_given_up_says_it_gave_up_and_why(sessions, settings, worker, fake_whatsapp):
+    fake_whatsapp.fail_all(503)
+    request_id = pending_review_request(sessions)
+
+    worker.broker.get_actor(SEND_REVIEW_REQUEST).send(request_id)
+
+    def given_up() -> Any:
+        with sessions() as session:
+            request = session.get_one(ReviewRequest, request_id)
+        return request.status == "failed" and request
+
+    request = eventually(given_up, timeout=20)
+    assert request.attempts == settings.notification_max_attempts == 3
+    assert request.last_error.startswith("gave up after 3 attempts; last: ")
+    assert "503" in request.last_error
