@@ -1,9 +1,12 @@
 """The whole fleet under bad luck: real processes (gunicorn ingress, a
 Dramatiq worker, two schedulers for the whole run) reaching PostgreSQL and
 RabbitMQ through TCP proxies that the scenarios cut, while Stripe-like
-senders keep posting signed webhooks. After each scenario the books must
-balance (tests/chaos/books.py says what each check catches), no message is
-dead-lettered and no process has exited. Each scenario prints its time to
+senders keep posting signed webhooks. Payment windows are 8 s and the
+stock jobs fire every 5 s, so the expire job pays orders whose intent
+succeeded (racing their webhooks) and expires the few abandoned ones. After
+each scenario the books of the whole run must balance (tests/chaos/books.py
+says what each check catches), no message is dead-lettered and no process
+has exited. Each scenario prints its time to
 settle and its worst webhook->paid lag (`pytest -s` shows them).
 
 CHAOS_SCALE=full (`make chaos`) cuts RabbitMQ for 20 s and PostgreSQL for
