@@ -148,11 +148,22 @@ def test_a_signed_stripe_event_with_a_huge_integer_or_deep_nesting_is_400(client
     assert snapshot(sessions) == before
 
 
-def test_nesting_json_can_parse_but_not_store_is_400(client, sessions):
-    # 900 levels parse, but writing them back out (jsonb, the worker's reads)
-    # recurses again from deeper in the stack: refused at the door instead.
+def test_nesting_deeper_than_any_real_body_is_400(client, sessions):
+    # 900 levels still parse, but nothing real nests so deep, and every later
+    # reader (jsonb, the worker's json, the admin views) would recurse through
+    # them again from deeper in its stack: refused at the door instead.
     before = snapshot(sessions)
     assert_400(deliver_text(client, stripe_text(obj=f'{{"metadata": {deep_list(900)}}}')), "nested")
+    assert snapshot(sessions) == before
+
+
+def test_a_returned_quantity_beyond_an_integer_column_is_400(shelf, sessions, fake_stripe):
+    placed = post_json(shelf, "/checkout", checkout_text())
+    assert placed.status_code == 201, placed.text
+    before = snapshot(sessions)
+    path = f"/admin/orders/{placed.json['order_id']}/return"
+    body = json.dumps({"lines": [{"sku": "TEE", "quantity": 2**40}]}).encode()
+    assert_400(call(shelf, "POST", path, body=body, headers=ADMIN), "2147483647")
     assert snapshot(sessions) == before
 
 
@@ -197,6 +208,16 @@ def test_a_stripe_event_with_lone_surrogates_or_nul_is_400(client, sessions):
     assert_400(deliver_text(client, stripe_text(obj=f'{{"description": "a{LONE}"}}')))
     assert_400(deliver_text(client, stripe_text(obj='{"description": "a\\u0000"}')))
     assert_400(deliver_text(client, stripe_text(obj='{"a\\u0000": 1}')))
+    assert snapshot(sessions) == before
+
+
+def test_a_body_shorter_than_its_content_length_is_400(shelf, sessions, fake_stripe):
+    """A lying Content-Length: the client stopped early, so what arrived is
+    a prefix of what it meant, even when the prefix parses."""
+    before = snapshot(sessions)
+    body = checkout_text().encode()
+    answer = call(shelf, "POST", "/checkout", body=body, extras={"CONTENT_LENGTH": str(len(body) + 40)})
+    assert_400(answer, "ended")
     assert snapshot(sessions) == before
 
 
