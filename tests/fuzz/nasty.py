@@ -76,7 +76,9 @@ ODD_CHARACTERS = st.one_of(
     ),
     st.characters(),
 )
-ODD_TEXT = st.text(ODD_CHARACTERS, max_size=12) | st.sampled_from(["", " ", "x" * 300, "TEE", "EUR"])
+ODD_TEXT = st.text(ODD_CHARACTERS, max_size=12) | st.sampled_from(
+    ["", " ", "x" * 300, "TEE", "EUR", "9" * 5000, "-1", "1e999", "NaN", "true"]
+)
 WRONG_TYPES = st.one_of(
     st.none(),
     st.booleans(),
