@@ -25,6 +25,7 @@ from sqlalchemy import text
 
 from domain.errors import PaymentNotFound
 from domain.events import apply_event, apply_events
+from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
 from payfleet.platform.group_commit import GroupCommit
 from tests.conftest import eventually, scalar
 from tests.support.shop import deliver, event_id_of, intent_event, place, put_product, race
@@ -715,7 +716,9 @@ def waiting_at_transitions(sessions, count: int) -> bool:
     return bool(waiting == count)
 
 
-def test_batches_holding_a_cancel_lock_products_in_one_order_and_never_deadlock(client, sessions):
+def test_batches_holding_a_cancel_lock_products_in_one_order_and_never_deadlock(
+    client, sessions, database_url
+):
     """Promise 9: rows are locked in one global order, products by SKU. A
     batch's sales lock their SKUs in order at the end (stock.sell_reserved);
     a payment_intent.canceled applied in the same batch would release its
@@ -741,10 +744,13 @@ def test_batches_holding_a_cancel_lock_products_in_one_order_and_never_deadlock(
     pay_b = store(client, sessions, succeeded(intent_pb))
     plan = [[cancel_b, pay_a], [cancel_a, pay_b]]
     outcomes: list[Any] = [None, None]
+    # The batches wait at the held table as long as the test needs, on a busy
+    # machine too: no lock timeout may end that wait (only a deadlock could).
+    patient = make_engine(database_url, timeouts=SessionTimeouts(lock_seconds=0))
 
     def run(index: int) -> None:
         try:
-            outcomes[index] = batch(sessions, plan[index])
+            outcomes[index] = batch(make_sessions(patient), plan[index])
         except Exception as error:
             outcomes[index] = error
 
@@ -758,6 +764,7 @@ def test_batches_holding_a_cancel_lock_products_in_one_order_and_never_deadlock(
     for thread in threads:
         thread.join(timeout=30)
         assert not thread.is_alive()
+    patient.dispose()
 
     # The cancels release stock (product locks mid-batch): left out of the
     # batches, which then lock products only at their end, in SKU order.
