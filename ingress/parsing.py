@@ -123,11 +123,12 @@ def _check_text(name: str, text: str) -> None:
     # Only a non-ASCII string can hold a surrogate: most strings skip the encoding.
     if "\x00" in text:
         raise _invalid(f"{name} must not contain NUL characters")
-    if not text.isascii() and not _encodable(text):
+    if not text.isascii() and not _storable(text):
         raise _invalid(f"{name} must be valid Unicode (a lone surrogate cannot be stored)")
 
 
-def _encodable(text: str) -> bool:
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL's text can hold it: UTF-8 encodable, and no NUL."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -137,7 +138,7 @@ def _encodable(text: str) -> bool:
 
 def checked_text(name: str, value: str) -> str:
     """A string from a path or a body field that PostgreSQL's text can hold."""
-    if not _encodable(value):
+    if not _storable(value):
         raise _invalid(f"{name!r} must be valid Unicode without NUL characters")
     return value
 
