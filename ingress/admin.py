@@ -69,7 +69,7 @@ def _sku(sku: str) -> str:
 def parse_product(sku: str, body: dict[str, Any]) -> products.PutProduct:
     _sku(sku)
     currency = required(body, "currency", str)
-    if len(currency) != 3 or not currency.isalpha():
+    if len(currency) != 3 or not (currency.isascii() and currency.isalpha()):
         raise InvalidRequest(f"currency must be a 3-letter ISO code, got {currency!r}")
     return products.PutProduct(
         sku=sku,

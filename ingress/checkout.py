@@ -72,7 +72,7 @@ def _lines(items: list[Any], bounds: OrderBounds) -> tuple[tuple[str, int], ...]
 
 
 def _currency(code: str) -> str:
-    if len(code) != 3 or not code.isalpha():
+    if len(code) != 3 or not (code.isascii() and code.isalpha()):
         raise InvalidRequest(f"currency must be a 3-letter ISO code, got {code!r}")
     return code.upper()
 

@@ -167,6 +167,15 @@ def test_a_returned_quantity_beyond_an_integer_column_is_400(shelf, sessions, fa
     assert snapshot(sessions) == before
 
 
+def test_a_currency_of_non_ascii_letters_is_400_as_a_currency(shelf, sessions):
+    # "ß".upper() is "SS": three letters became four, too long for the column.
+    before = snapshot(sessions)
+    product = {"name": "T", "price": 1, "currency": "ßab", "on_hand": 1}
+    answer = call(shelf, "PUT", "/admin/products/TEE", json=product, headers=ADMIN)
+    assert_400(answer, "ISO")
+    assert snapshot(sessions) == before
+
+
 # --- item 1: unencodable strings
 
 
