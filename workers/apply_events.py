@@ -33,6 +33,8 @@ APPLY_BATCH_LINGER = 0.005
 # The share of the actor's time limit an attempt's statements may use; the
 # rest is left to record the attempt before Dramatiq's TimeLimit interrupts.
 STATEMENTS_SHARE = 0.9
+# SQLSTATE of a statement PostgreSQL cancelled (its statement timeout).
+QUERY_CANCELED = "57014"
 # One transaction's statement timeout (local to it).
 _STATEMENT_TIMEOUT = text("SELECT set_config('statement_timeout', :ms, true)")
 
@@ -72,7 +74,14 @@ class Deadlines:
         if isinstance(error, TimeLimitExceeded):
             return limited
         described = events.describe_failure(error)
-        return f"{limited} ({described})" if time.monotonic() >= deadline else described
+        return f"{limited} ({described})" if self._cut_short(error, deadline) else described
+
+    @staticmethod
+    def _cut_short(error: BaseException, deadline: float) -> bool:
+        if isinstance(error, AttemptTimedOut):
+            return True
+        cancelled = getattr(getattr(error, "orig", None), "sqlstate", None) == QUERY_CANCELED
+        return cancelled and time.monotonic() >= deadline
 
 
 def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settings: Settings) -> None:
