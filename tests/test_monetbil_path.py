@@ -50,7 +50,7 @@ def _monetbil_broken(fake_monetbil, fault: str) -> str:
         fake_monetbil.delay(2.5)
     else:  # down: nothing listens there any more
         return f"http://127.0.0.1:{free_port()}"
-    return fake_monetbil.base_url
+    return str(fake_monetbil.base_url)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ def _stripe_broken(fake_stripe, fault: str, key: str) -> str:
         fake_stripe.delay(2.5)
     else:  # down: nothing listens there
         return f"http://127.0.0.1:{free_port()}"
-    return fake_stripe.base_url
+    return str(fake_stripe.base_url)
 
 
 @pytest.mark.parametrize(
