@@ -251,9 +251,9 @@ def test_the_time_limit_ends_an_attempt_stuck_on_a_lock_and_it_is_retried(
     event_id = stored_event(sessions, json.loads(body)["id"])
 
     eventually(
-        waiting_with(sessions, event_id, "TimeLimitExceeded: the attempt ran past its 1.5 s"), timeout=6
+        waiting_with(sessions, event_id, "TimeLimitExceeded: the attempt ran past its 1.5 s"), timeout=8
     )
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 6  # without the bound it waits as long as the lock is held
 
     holder.rollback()
     paid(client, sessions, order_id, body)
