@@ -42,6 +42,15 @@ _BUFSIZE = 65536
 _JOIN_TIMEOUT = 2.0
 
 
+def _ready(sock: socket.socket, event: int) -> bool:
+    """Whether `sock` is readable or writable within _POLL. poll(), not
+    select(): select() cannot watch a descriptor numbered 1024 or more, which
+    a long test run reaches, and the proxy then stopped forwarding."""
+    poller = select.poll()
+    poller.register(sock, event)
+    return bool(poller.poll(_POLL * 1000))
+
+
 def _close_socket(sock: socket.socket, *, reset: bool = False) -> None:
     """Close ``sock``; with ``reset`` the peer gets an RST instead of a FIN."""
     with contextlib.suppress(OSError):
@@ -119,7 +128,7 @@ class _Connection:
             if not flowing.is_set():  # blackholed: leave the data where it is
                 flowing.wait(_POLL)
                 continue
-            readable, _, _ = select.select([src], [], [], _POLL)
+            readable = _ready(src, select.POLLIN)
             if not readable or self._stop.is_set() or not flowing.is_set():
                 continue
             try:
@@ -136,7 +145,7 @@ class _Connection:
                 continue  # blackholed meanwhile: swallow the EOF, the connection gets dropped later
             view = memoryview(data)
             while view and not self._stop.is_set():
-                _, writable, _ = select.select([], [dst], [], _POLL)
+                writable = _ready(dst, select.POLLOUT)
                 if not writable:
                     continue
                 with gate:
@@ -410,7 +419,7 @@ class TcpProxy:
     def _accept_loop(self, listener: socket.socket, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                readable, _, _ = select.select([listener], [], [], _POLL)
+                readable = _ready(listener, select.POLLIN)
                 if not readable or stop.is_set():
                     continue
                 client, _ = listener.accept()

@@ -154,6 +154,20 @@ def test_many_concurrent_connections(proxy: TcpProxy) -> None:
     assert wait_for(lambda: proxy.connections == 0)
 
 
+def test_forwards_sockets_numbered_past_1024(echo: EchoServer) -> None:
+    # A long test run holds over a thousand descriptors; select() cannot
+    # watch one numbered 1024 or more, and the proxy stopped forwarding there
+    # (a relay's AMQP handshake timed out late in `make test`).
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with TcpProxy("127.0.0.1", echo.port) as p, connect(p.port) as sock:
+            assert sock.fileno() >= 1024
+            assert roundtrip(sock, b"past select's limit") == b"past select's limit"
+    finally:
+        for fd in filler:
+            os.close(fd)
+
+
 def test_half_close_is_propagated(proxy: TcpProxy) -> None:
     with connect(proxy.port) as sock:
         sock.sendall(b"last words")
