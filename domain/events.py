@@ -63,6 +63,9 @@ _RECORD_MANY = text(
     " FROM unnest(CAST(:providers AS varchar[]), CAST(:event_keys AS varchar[]),"
     " CAST(:event_types AS varchar[]), CAST(:payment_ids AS varchar[]), CAST(:payloads AS text[]))"
     " AS event (provider, event_key, event_type, payment_id, payload)"
+    # One insertion order for every batch: two batches committing side by
+    # side with the same keys then wait on each other, never in a cycle.
+    " ORDER BY provider, event_key"
     " ON CONFLICT (provider, event_key) DO NOTHING"
     " RETURNING id, provider, event_key"
 )

@@ -636,6 +636,50 @@ def test_concurrent_callers_with_a_slow_batch_share_batches():
     assert len(sizes) <= 20, f"{len(sizes)} batches for 40 calls from 8 threads: {sizes}"
 
 
+def test_without_a_linger_calls_run_side_by_side_in_their_own_threads_up_to_the_concurrency():
+    # The ingress's stores: two webhooks at once commit side by side (a group
+    # of one made the second wait for the first's commit: half the rate at
+    # two connections); only callers beyond the concurrency wait and share.
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+    ran: list[tuple[list[int], int]] = []
+
+    def run_batch(keys: Sequence[int]) -> list[int]:
+        ran.append((list(keys), threading.get_ident()))
+        inside.release()
+        release.wait(10)
+        return [key * 10 for key in keys]
+
+    group: GroupCommit[int, int] = GroupCommit(
+        run_batch, max_size=8, linger=0.0, name="test-side-by-side", concurrency=2
+    )
+    callers: dict[int, int] = {}
+    answers: dict[int, int] = {}
+
+    def call(key: int) -> None:
+        callers[key] = threading.get_ident()
+        answers[key] = group.call(key)
+
+    first = [threading.Thread(target=call, args=(key,), daemon=True) for key in (1, 2)]
+    for thread in first:
+        thread.start()
+    assert inside.acquire(timeout=5) and inside.acquire(timeout=5), "both ran at once"
+    late = [threading.Thread(target=call, args=(key,), daemon=True) for key in (3, 4, 5)]
+    for thread in late:
+        thread.start()
+    time.sleep(0.2)
+    assert len(ran) == 2, f"a third call ran beside the two: {ran}"
+    release.set()
+    for thread in [*first, *late]:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+    assert answers == {key: key * 10 for key in (1, 2, 3, 4, 5)}
+    assert sorted((keys, ident) for keys, ident in ran[:2]) == sorted(([k], callers[k]) for k in (1, 2))
+    assert sorted(key for keys, _ in ran[2:] for key in keys) == [3, 4, 5]
+    assert len(ran) < 5, f"the three late callers never shared a batch: {ran}"
+
+
 def test_a_batch_answering_the_wrong_number_of_results_fails_its_callers_instead_of_hanging():
     def run_batch(keys: Sequence[int]) -> list[int]:
         return [1] if len(keys) > 1 else [key * 2 for key in keys]

@@ -8,7 +8,9 @@ worker's actor threads are back with their next message a moment after
 their batch ends, and without the wait they split into two half-size
 batches that take turns. A batch that raises hands the error to each of its
 callers, who then do their work alone. Without a linger, a call that finds
-the group idle runs in its caller's thread.
+fewer than `concurrency` batches running and none waiting runs in its
+caller's thread: two webhooks on two connections then commit side by side,
+as they would without the group, and only a crowd forms batches.
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ class GroupCommit(Generic[T, R]):
         max_size: int,
         linger: float,
         name: str,
+        concurrency: int = 1,
     ) -> None:
         self._run_batch = run_batch
         self._max_size = max_size
         self._linger = linger
         self._name = name
+        self._concurrency = concurrency
         self._queued: list[tuple[T, Future[R]]] = []
         self._callers: dict[int, float] = {}
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._running = False
+        self._running = 0  # batches running now, in callers' threads or the group's
 
     def call(self, item: T) -> R:
         """The batch's result for `item` (run_batch answers its items in
@@ -57,11 +61,11 @@ class GroupCommit(Generic[T, R]):
                 self._thread.start()
             if self._linger > 0:
                 self._callers[threading.get_ident()] = time.monotonic()
-            # Without a linger, a call that finds nothing running or waiting
+            # Without a linger, a call that finds room and nothing waiting
             # runs here, as a batch of one: no hand-over to the thread and back.
-            alone = self._linger == 0 and not self._running and not self._queued
+            alone = self._linger == 0 and self._running < self._concurrency and not self._queued
             if alone:
-                self._running = True
+                self._running += 1
             else:
                 self._queued.append((item, future))
                 self._wakeup.notify_all()
@@ -74,20 +78,20 @@ class GroupCommit(Generic[T, R]):
 
     def _done(self) -> None:
         with self._wakeup:
-            self._running = False
+            self._running -= 1
             self._wakeup.notify_all()
 
     def _take(self) -> list[tuple[T, Future[R]]]:
         with self._wakeup:
-            # One batch at a time: the next gathers while one runs.
-            self._wakeup.wait_for(lambda: bool(self._queued) and not self._running)
+            # At most `concurrency` batches at a time: the next gathers while they run.
+            self._wakeup.wait_for(lambda: bool(self._queued) and self._running < self._concurrency)
             if self._linger > 0:
                 recent = time.monotonic() - _CALLER_SEEN_SECONDS
                 self._callers = {ident: seen for ident, seen in self._callers.items() if seen > recent}
                 expected = min(len(self._callers), self._max_size)
                 self._wakeup.wait_for(lambda: len(self._queued) >= expected, timeout=self._linger)
             batch, self._queued = self._queued[: self._max_size], self._queued[self._max_size :]
-            self._running = True
+            self._running += 1
             return batch
 
     def _serve(self) -> None:
