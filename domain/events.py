@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeAlias, cast
 
-from sqlalchemy import Table, bindparam, func, select, text, update
+from sqlalchemy import Connection, Table, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session
@@ -92,11 +92,16 @@ _MARK_PUBLISHED = (
 )
 
 
-def record_event(session: Session, facts: EventFacts) -> tuple[int, bool]:
+def _connection(db: Session | Connection) -> Connection:
+    return db.connection() if isinstance(db, Session) else db
+
+
+def record_event(db: Session | Connection, facts: EventFacts) -> tuple[int, bool]:
     """Store an event; returns (id, duplicate). Two racing deliveries of one
     event both succeed here: ON CONFLICT makes the loser a duplicate instead
-    of an IntegrityError."""
-    connection = session.connection()
+    of an IntegrityError. Takes a plain connection too: the ingress stores
+    without an ORM session (its bookkeeping was a tenth of a webhook's CPU)."""
+    connection = _connection(db)
     row = {
         "provider": facts.provider,
         "event_key": facts.event_key,
@@ -113,13 +118,13 @@ def record_event(session: Session, facts: EventFacts) -> tuple[int, bool]:
     return existing.scalar_one(), True
 
 
-def record_events(session: Session, batch: Sequence[EventFacts]) -> list[tuple[int, bool]]:
+def record_events(db: Session | Connection, batch: Sequence[EventFacts]) -> list[tuple[int, bool]]:
     """record_event for many events in one INSERT (and one SELECT for those
     already stored): (id, duplicate) for each, in order. An event given twice
     is stored once, and is a duplicate the second time."""
     if len(batch) == 1:
-        return [record_event(session, batch[0])]  # plain parameters cost less than arrays of one
-    connection = session.connection()
+        return [record_event(db, batch[0])]  # plain parameters cost less than arrays of one
+    connection = _connection(db)
     rows = {
         "providers": [facts.provider for facts in batch],
         "event_keys": [facts.event_key for facts in batch],

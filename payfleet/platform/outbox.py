@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
@@ -121,6 +122,8 @@ STORE_CONCURRENCY = 2
 class EventInbox:
     def __init__(self, sessions: sessionmaker[Session], publisher: Publisher) -> None:
         self._sessions = sessions
+        # Events are stored on a plain connection of the sessions' engine.
+        self._engine: Engine = sessions.kw["bind"]
         self._publisher = publisher
         self._outbound = Outbound(sessions, publisher)
         self._stores = GroupCommit(
@@ -139,15 +142,15 @@ class EventInbox:
         except Exception:
             # One bad event fails its whole batch: each is stored alone, so
             # the error is its own (and answered as such), the others stored.
-            with self._sessions.begin() as session:
-                event_id, duplicate = record_event(session, facts)
+            with self._engine.begin() as connection:
+                event_id, duplicate = record_event(connection, facts)
         if not duplicate:
             self._outbound.add(event_id)
         return duplicate
 
     def _store(self, batch: Sequence[EventFacts]) -> list[tuple[int, bool]]:
-        with self._sessions.begin() as session:
-            return record_events(session, batch)
+        with self._engine.begin() as connection:
+            return record_events(connection, batch)
 
     def replay(self, event_id: int) -> bool:
         """Reopen an unmatched, failed or ignored event and publish it again;
