@@ -20,7 +20,7 @@ from ingress.health import CountResponses, Healthz, Metrics, Readyz
 from ingress.webhooks import MonetbilWebhook, StripeWebhook
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, load_settings
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.outbox import EventInbox
 from payfleet.platform.publishing import Publisher
 
@@ -84,12 +84,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
 
 
 def collaborators(settings: Settings) -> Collaborators:
-    engine = make_engine(
-        settings.database_url,
-        pool_size=settings.db_pool_size,
-        max_overflow=4,
-        timeouts=SessionTimeouts.of(settings),
-    )
+    engine = engine_for(settings, pool_size=settings.db_pool_size, max_overflow=4)
     broker = build_broker(settings)
     return Collaborators(
         settings=settings,

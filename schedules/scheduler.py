@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.publishing import Publisher
 from schedules.claims import claimer_for
 from schedules.relay import OutboxRelay
@@ -40,9 +40,7 @@ def run(tasks: Sequence[Task], interval: float, stop: threading.Event) -> None:
 
 
 def tasks_for(settings: Settings) -> list[Task]:
-    sessions = make_sessions(
-        make_engine(settings.database_url, pool_size=2, timeouts=SessionTimeouts.of(settings))
-    )
+    sessions = make_sessions(engine_for(settings, pool_size=2))
     # One broker connection for both tasks: they run on the same thread.
     publisher = Publisher(build_broker(settings))
     relay = OutboxRelay(

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from domain.models import Order, ReviewRequest
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.publishing import APPLY_EVENT, SEND_REVIEW_REQUEST
 from tests.conftest import eventually, scalar
 from tests.fakes.monetbil_server import FakeMonetbil
@@ -50,7 +50,7 @@ def start_worker(env: dict[str, str]) -> Iterator[StartWorker]:
 
     def start(**overrides: str) -> tuple[dramatiq.Broker, sessionmaker[Session]]:
         settings = load_settings({**env, **overrides})
-        engine = make_engine(settings.database_url, timeouts=SessionTimeouts.of(settings))
+        engine = engine_for(settings)
         sessions = make_sessions(engine)
         broker = build_broker(settings)
         declare_event_actors(broker, sessions, settings)

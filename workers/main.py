@@ -9,7 +9,7 @@ import dramatiq
 
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import engine_for, make_sessions
 from workers.apply_events import declare_event_actors
 from workers.job_runner import declare_job_actors, job_gateways
 from workers.metrics import WorkerMetrics
@@ -24,12 +24,7 @@ broker = build_broker(settings)
 # Dramatiq's Prometheus middleware, with an exporter that survives a taken port.
 broker.add_middleware(WorkerMetrics())
 dramatiq.set_broker(broker)
-engine = make_engine(
-    settings.database_url,
-    pool_size=settings.db_pool_size,
-    max_overflow=4,
-    timeouts=SessionTimeouts.of(settings),
-)
+engine = engine_for(settings, pool_size=settings.db_pool_size, max_overflow=4)
 sessions = make_sessions(engine)
 declare_event_actors(broker, sessions, settings)
 declare_job_actors(broker, sessions, settings, job_gateways(settings))

@@ -13,7 +13,7 @@ from payfleet.cli import print_json
 from payfleet.platform import dead_letter_queues as dead_letters
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.publishing import APPLY_EVENT
 
 
@@ -27,7 +27,7 @@ def dead_letters_requeue(settings: Settings, args: argparse.Namespace) -> int:
     if not args.all and not args.message_id:
         print("payfleet: name messages with --id, or pass --all")
         return 2
-    sessions = make_sessions(make_engine(settings.database_url, timeouts=SessionTimeouts.of(settings)))
+    sessions = make_sessions(engine_for(settings))
 
     def reopen_event(message: Message[Any]) -> None:
         # An apply_event message that gave up left its event settled as

@@ -10,24 +10,19 @@ from domain.errors import DomainError
 from payfleet.cli import print_json
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.outbox import EventInbox
 from payfleet.platform.publishing import Publisher
 
 
 def events_list(settings: Settings, args: argparse.Namespace) -> int:
-    with make_sessions(
-        make_engine(settings.database_url, timeouts=SessionTimeouts.of(settings))
-    )() as session:
+    with make_sessions(engine_for(settings))() as session:
         print_json(views.list_events(session, provider=args.provider, status=args.status, limit=args.limit))
     return 0
 
 
 def events_replay(settings: Settings, args: argparse.Namespace) -> int:
-    inbox = EventInbox(
-        make_sessions(make_engine(settings.database_url, timeouts=SessionTimeouts.of(settings))),
-        Publisher(build_broker(settings)),
-    )
+    inbox = EventInbox(make_sessions(engine_for(settings)), Publisher(build_broker(settings)))
     try:
         published = inbox.replay(args.event_id)
     except DomainError as error:

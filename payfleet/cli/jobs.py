@@ -12,23 +12,19 @@ from domain.job_runs import job_overview
 from payfleet.cli import print_json
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, job_table
-from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
+from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.outbox import start_manual_run
 from payfleet.platform.publishing import Publisher
 
 
 def _list(settings: Settings, args: argparse.Namespace) -> int:
-    with make_sessions(
-        make_engine(settings.database_url, timeouts=SessionTimeouts.of(settings))
-    )() as session:
+    with make_sessions(engine_for(settings))() as session:
         print_json(job_overview(session, job_table(settings), datetime.now(UTC)))
     return 0
 
 
 def _runs(settings: Settings, args: argparse.Namespace) -> int:
-    with make_sessions(
-        make_engine(settings.database_url, timeouts=SessionTimeouts.of(settings))
-    )() as session:
+    with make_sessions(engine_for(settings))() as session:
         print_json(job_runs.list_runs(session, job=args.job, limit=args.limit))
     return 0
 
@@ -38,7 +34,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     if table.get(args.name) is None:
         print(f"payfleet: no job {args.name!r}; jobs: {', '.join(table.names)}")
         return 2
-    sessions = make_sessions(make_engine(settings.database_url, timeouts=SessionTimeouts.of(settings)))
+    sessions = make_sessions(engine_for(settings))
     broker = build_broker(settings)
     run_id, published = start_manual_run(sessions, Publisher(broker), table, args.name)
     broker.close()

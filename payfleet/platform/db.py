@@ -81,6 +81,16 @@ def make_engine(
     return engine
 
 
+def engine_for(settings: Settings, *, pool_size: int = 5, max_overflow: int = 10) -> Engine:
+    """A payfleet process's engine: its database, with its session timeouts."""
+    return make_engine(
+        settings.database_url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        timeouts=SessionTimeouts.of(settings),
+    )
+
+
 def _session_options(database_url: str, timeouts: SessionTimeouts) -> str:
     # connect_args replace the URL's own `options`, so those are kept, last:
     # PostgreSQL takes the last of two settings of one name, and options given
