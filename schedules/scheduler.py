@@ -11,11 +11,10 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 
-from prometheus_client import start_http_server
-
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings
 from payfleet.platform.db import engine_for, make_sessions
+from payfleet.platform.metrics_endpoint import serve_metrics
 from payfleet.platform.publishing import Publisher
 from schedules.claims import claimer_for
 from schedules.relay import OutboxRelay
@@ -52,33 +51,13 @@ def tasks_for(settings: Settings) -> list[Task]:
     return [relay.run_once, claimer_for(settings, sessions, publisher).run_once]
 
 
-def serve_metrics(host: str, port: int) -> bool:
-    """Start the Prometheus endpoint; False when it could not be. Replicas
-    share a host and its ports: a port another process holds must not stop
-    this scheduler's work (claims and relay are what matter), so it runs on
-    without metrics and says so once, naming what to change."""
-    if not port:
-        return False
-    try:
-        start_http_server(port, addr=host)
-    except OSError as error:
-        log.warning(
-            "scheduler metrics are OFF: cannot listen on %s:%d (SCHEDULER_METRICS_PORT): %s; "
-            "this scheduler runs on without its Prometheus endpoint. Give each replica on a host "
-            "its own SCHEDULER_METRICS_PORT, or 0 to turn metrics off.",
-            host,
-            port,
-            error.strerror or error,
-        )
-        return False
-    return True
-
-
 def main(settings: Settings) -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    serve_metrics(settings.metrics_host, settings.scheduler_metrics_port)
+    serve_metrics(
+        "scheduler", settings.metrics_host, settings.scheduler_metrics_port, "SCHEDULER_METRICS_PORT"
+    )
     log.info("scheduler started (tick %.1f s)", settings.outbox_relay_interval_seconds)
     run(tasks_for(settings), settings.outbox_relay_interval_seconds, stop)
     log.info("scheduler stopped")

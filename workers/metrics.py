@@ -14,6 +14,7 @@ from typing import Any
 from dramatiq.middleware import prometheus
 
 from payfleet.platform.config import load_settings
+from payfleet.platform.metrics_endpoint import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +35,18 @@ class WorkerMetrics(prometheus.Prometheus):
 
 def serve_worker_metrics() -> int:
     """The exporter's process: serves until Dramatiq stops it (SIGTERM)."""
-    settings = load_settings()
-    if not settings.worker_metrics_port:
-        return 0
-    if not _listen(settings.metrics_host, settings.worker_metrics_port):
-        return 0
-    threading.Event().wait()
-    return 0
-
-
-def _listen(host: str, port: int) -> bool:
-    # At runtime only, like Dramatiq's exporter: prometheus-client decides at
-    # import whether it counts in files, and this process only reads them.
-    from prometheus_client import CollectorRegistry, start_http_server
+    # Imported here, like Dramatiq's exporter: this process only reads the
+    # workers' multiprocess files.
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    settings = load_settings()
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=prometheus.DB_PATH)  # type: ignore[no-untyped-call]
-    try:
-        start_http_server(port, addr=host, registry=registry)
-    except OSError as error:
-        log.warning(
-            "worker metrics are OFF: cannot listen on %s:%d (WORKER_METRICS_PORT): %s; "
-            "this worker runs on without its Prometheus endpoint. Give each worker on a host "
-            "its own WORKER_METRICS_PORT, or 0 to turn metrics off.",
-            host,
-            port,
-            error.strerror or error,
-        )
-        return False
-    return True
+    port = settings.worker_metrics_port
+    if serve_metrics("worker", settings.metrics_host, port, "WORKER_METRICS_PORT", registry):
+        threading.Event().wait()
+    return 0
 
 
 @cache
