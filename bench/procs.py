@@ -30,6 +30,12 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def tail(self, lines: int = 30) -> str:
+        """Its log's last lines ("" when there is none)."""
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
 
 @dataclass
 class ProcessGroup:

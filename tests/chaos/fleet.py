@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import requests
 
+from bench.procs import Proc, ProcessGroup
 from tests.conftest import free_port
 from tests.support.tcp_proxy import TcpProxy
 
@@ -24,47 +24,31 @@ WORKER_ARGS = ("worker", "--processes", "1", "--threads", "4")
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-
-@dataclass
 class Fleet:
     """Every process started here runs in its own process group (gunicorn's
-    and Dramatiq's forks go down with it) and logs to a file of its own."""
+    and Dramatiq's forks go down with it) and logs to a file of its own
+    (bench.procs, which the benchmarks start their processes with too)."""
 
     env: dict[str, str]
     logs: Path
     pg: TcpProxy
     amqp: TcpProxy
-    procs: list[Proc] = field(default_factory=list)
     base: str = ""
     worker: Proc | None = None
+    group: ProcessGroup = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.group = ProcessGroup(self.logs)
+
+    @property
+    def procs(self) -> list[Proc]:
+        return self.group.started
 
     def spawn(self, name: str, *args: str, **env: str) -> Proc:
-        log = self.logs / f"{name}-{len(self.procs)}.log"
-        with open(log, "ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "payfleet.cli", *args],
-                env={**os.environ, **self.env, **env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
+        argv = [sys.executable, "-m", "payfleet.cli", *args]
+        return self.group.spawn(
+            f"{name}-{len(self.procs)}", argv, {**os.environ, **self.env, **env}, Path.cwd()
+        )
 
     def start_ingress(self) -> None:
         port = free_port()
@@ -92,16 +76,7 @@ class Fleet:
         return [f"{p.name} exited {p.popen.returncode}:\n{p.tail()}" for p in self.procs if not p.alive()]
 
     def stop(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.popen.pid, signal.SIGTERM)
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(20)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.popen.pid, signal.SIGKILL)  # forks outliving their leader too
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(5)
+        self.group.stop_all()
 
 
 def _answers(url: str, proc: Proc) -> bool:
