@@ -92,6 +92,24 @@ def fake_monetbil() -> Iterator[FakeMonetbil]:
         yield fake
 
 
+def process_env(database_url: str, broker_url: str, stripe_base: str, monetbil_base: str) -> dict[str, str]:
+    """What every payfleet process started by the tests is given: its
+    database and vhost, the admin token, the providers' test credentials and
+    the fake providers' addresses."""
+    return {
+        "DATABASE_URL": database_url,
+        "BROKER_URL": broker_url,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "STRIPE_API_KEY": "sk_test_payfleet",
+        "STRIPE_WEBHOOK_SECRETS": ",".join(WEBHOOK_SECRETS),
+        "STRIPE_API_BASE": stripe_base,
+        "MONETBIL_SERVICE_KEY": MONETBIL_KEY,
+        "MONETBIL_SERVICE_SECRET": MONETBIL_SECRET,
+        "MONETBIL_API_BASE": monetbil_base,
+        "PUBLIC_BASE_URL": "http://shop.test",
+    }
+
+
 @pytest.fixture
 def env(
     database_url: str,
@@ -103,16 +121,7 @@ def env(
     """The environment a payfleet process gets in tests: short retry delays
     and relay grace, so failure paths finish in seconds."""
     return {
-        "DATABASE_URL": database_url,
-        "BROKER_URL": broker_url,
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-        "STRIPE_API_KEY": "sk_test_payfleet",
-        "STRIPE_WEBHOOK_SECRETS": ",".join(WEBHOOK_SECRETS),
-        "STRIPE_API_BASE": fake_stripe.base_url,
-        "MONETBIL_SERVICE_KEY": MONETBIL_KEY,
-        "MONETBIL_SERVICE_SECRET": MONETBIL_SECRET,
-        "MONETBIL_API_BASE": fake_monetbil.base_url,
-        "PUBLIC_BASE_URL": "http://shop.test",
+        **process_env(database_url, broker_url, fake_stripe.base_url, fake_monetbil.base_url),
         "EVENT_RETRY_DELAYS_SECONDS": "0.2,0.4",
         "EVENT_TIME_LIMIT_SECONDS": "20",
         "OUTBOX_RELAY_INTERVAL_SECONDS": "0.2",

@@ -20,14 +20,11 @@ import pytest
 from payfleet.platform.db import migrate
 from tests.chaos.fleet import Fleet, fleet_env, proxies
 from tests.conftest import (
-    ADMIN_TOKEN,
     AMQP_HOST_PART,
-    MONETBIL_KEY,
-    MONETBIL_SECRET,
     PG_ADMIN_URL,
     PG_HOST_PART,
-    WEBHOOK_SECRETS,
     free_port,
+    process_env,
 )
 from tests.fakes.stripe_server import FakeStripe
 
@@ -68,17 +65,8 @@ def _base_env(database_url: str, broker_url: str, stripe: FakeStripe, metrics_po
     attempts over 15.5 s, so an event caught by a 10 s cut is retried, not
     dead-lettered."""
     return {
-        "DATABASE_URL": database_url,
-        "BROKER_URL": broker_url,
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-        "STRIPE_API_KEY": "sk_test_payfleet",
-        "STRIPE_WEBHOOK_SECRETS": ",".join(WEBHOOK_SECRETS),
-        "STRIPE_API_BASE": stripe.base_url,
-        "MONETBIL_SERVICE_KEY": MONETBIL_KEY,
-        "MONETBIL_SERVICE_SECRET": MONETBIL_SECRET,
-        "MONETBIL_API_BASE": "http://127.0.0.1:9",
+        **process_env(database_url, broker_url, stripe.base_url, "http://127.0.0.1:9"),
         "WHATSAPP_API_BASE": "http://127.0.0.1:9",
-        "PUBLIC_BASE_URL": "http://shop.test",
         "EVENT_MAX_ATTEMPTS": "6",
         "EVENT_RETRY_DELAYS_SECONDS": "0.5,1,2,4,8",
         "EVENT_TIME_LIMIT_SECONDS": "20",
