@@ -83,6 +83,19 @@ class Settings:
     pending_attention_after_seconds: int = 86400
     readyz_cache_seconds: float = 2.0
     readyz_timeout_seconds: float = 2.0
+    # Logs (issue 10): "text" or "json"; empty picks text on a terminal,
+    # json otherwise.
+    log_format: str = ""
+    # Dead letters older than this are archived into PostgreSQL by a job,
+    # so none expires unseen (issue 10).
+    dead_letter_archive_after_seconds: int = 3 * 86400
+    # Payment routing (issue 11): a provider that failed this many times in
+    # the window is skipped, fleet-wide, for the cool-down.
+    routing_circuit_failures: int = 3
+    routing_circuit_window_seconds: float = 60.0
+    routing_circuit_cooldown_seconds: float = 30.0
+    # The local provider sandbox (issue 12).
+    sandbox_bind: str = "127.0.0.1:12111"
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -104,6 +117,13 @@ def _number(env: Mapping[str, str], name: str, default: N, kind: type[N]) -> N:
 
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
+def _log_format(env: Mapping[str, str]) -> str:
+    value = _text(env, "LOG_FORMAT", "").lower()
+    if value not in ("", "text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', got {value!r}")
+    return value
 
 
 def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
@@ -184,6 +204,20 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         readyz_cache_seconds=_number(env, "READYZ_CACHE_SECONDS", base.readyz_cache_seconds, float),
         readyz_timeout_seconds=_number(env, "READYZ_TIMEOUT_SECONDS", base.readyz_timeout_seconds, float),
+        log_format=_log_format(env),
+        dead_letter_archive_after_seconds=_number(
+            env, "DEAD_LETTER_ARCHIVE_AFTER_SECONDS", base.dead_letter_archive_after_seconds, int
+        ),
+        routing_circuit_failures=max(
+            1, _number(env, "ROUTING_CIRCUIT_FAILURES", base.routing_circuit_failures, int)
+        ),
+        routing_circuit_window_seconds=_number(
+            env, "ROUTING_CIRCUIT_WINDOW_SECONDS", base.routing_circuit_window_seconds, float
+        ),
+        routing_circuit_cooldown_seconds=_number(
+            env, "ROUTING_CIRCUIT_COOLDOWN_SECONDS", base.routing_circuit_cooldown_seconds, float
+        ),
+        sandbox_bind=_text(env, "SANDBOX_BIND", base.sandbox_bind),
         **_job_settings(env, base),
     )
     _check_backoff(settings)
