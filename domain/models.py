@@ -20,8 +20,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ORDER_STATUSES = (
@@ -333,3 +334,29 @@ class ReviewRequest(Base):
     # When a delivery claimed it (`sending`) just before calling the API.
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RoutingRuleSet(Base):
+    """One version of the operator's routing rules (issue 11): the newest row
+    is in force, the older ones are its history."""
+
+    __tablename__ = "routing_rule_sets"
+    __table_args__ = (CheckConstraint("jsonb_typeof(rules) = 'array'", name="rules_array"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    rules: Mapped[list[dict[str, Any]]] = mapped_column(JSONB)
+    changed_at: Mapped[datetime] = _now()
+
+
+class ProviderCircuit(Base):
+    """A provider's recent checkout failures and, once they are too many, the
+    time until which every ingress process skips it."""
+
+    __tablename__ = "provider_circuits"
+
+    provider: Mapped[str] = mapped_column(String(16), primary_key=True)
+    failures: Mapped[list[datetime]] = mapped_column(
+        ARRAY(DateTime(timezone=True)), server_default=text("'{}'")
+    )
+    open_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now()
