@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -360,3 +361,23 @@ class ProviderCircuit(Base):
     )
     open_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = _now()
+
+
+class ArchivedDeadLetter(Base):
+    """A dead letter moved out of `<queue>.XQ` before RabbitMQ's TTL could
+    drop it: the message as RabbitMQ held it (body and headers, x-death
+    included), so it can be listed and requeued later. The unique message id
+    makes archiving twice (a crash between insert and ack) one row."""
+
+    __tablename__ = "dead_letter_archive"
+    __table_args__ = (Index("ix_dead_letter_archive_queue_id", "queue", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(255), unique=True)
+    queue: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(255))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    dead_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    archived_at: Mapped[datetime] = _now()
