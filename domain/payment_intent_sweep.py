@@ -39,6 +39,11 @@ OPEN_PAYMENT_STATUSES = ("pending", "processing", "failed")
 SWEEP = "cleanup-stale-payment-intents"
 
 
+class NotConfigured(Exception):
+    """No Stripe account here (STRIPE_API_KEY empty): there is nothing to
+    sweep, so the run is recorded skipped with this reason, not failed."""
+
+
 @dataclass(frozen=True)
 class OpenPayment:
     """A Stripe payment and its order as read before Stripe is asked (no

@@ -147,6 +147,8 @@ def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Count
     """Like expire-stale-orders: each batch is read without locks, Stripe is
     asked side by side with no transaction open, then each payment is locked,
     re-checked and settled in a short transaction of its own."""
+    if not c.settings.stripe_api_key:
+        raise payment_intent_sweep.NotConfigured("Stripe not configured")
     now = c.clock()
     window = timedelta(seconds=c.settings.order_payment_window_seconds)
     seen: set[str] = set()
@@ -344,6 +346,9 @@ class JobRunner:
         started = time.monotonic()
         try:
             WORK[run.job](self._c, run, counts)
+        except payment_intent_sweep.NotConfigured as reason:
+            self._finish(run, "skipped", counts, f"skipped: {reason}", started)
+            return "skipped"
         except BaseException as failure:
             # Dramatiq's TimeLimitExceeded is a BaseException: the run is
             # recorded failed whatever stopped it, then the interruption goes
