@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from payfleet.platform import logs
 from payfleet.platform.config import load_settings
 
 _settings = load_settings()
@@ -35,6 +36,9 @@ graceful_timeout = 20
 keepalive = 5
 accesslog = "-"
 errorlog = "-"
+# gunicorn's error and access logs and the app's own lines, all through the
+# one payfleet handler on stderr: JSON lines unless on a terminal (LOG_FORMAT).
+logconfig_dict = logs.gunicorn_logconfig("ingress", _settings.log_format)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -1,28 +1,66 @@
 """What a Dramatiq worker process imports (`dramatiq workers.main`): reads
-the configuration once and wires the broker, the database and the actors."""
+the configuration once and wires the logs, the broker, the database and the
+actors."""
 
 from __future__ import annotations
 
-import logging
+import threading
+from typing import Any
 
 import dramatiq
+from dramatiq import Broker, Middleware
+from dramatiq.broker import MessageProxy
 
+from domain.job_table import JOBS
+from payfleet.platform import logs
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
 from payfleet.platform.db import engine_for, make_sessions
+from payfleet.platform.publishing import APPLY_EVENT
 from workers.apply_events import declare_event_actors
 from workers.job_runner import declare_job_actors, job_gateways
 from workers.metrics import WorkerMetrics
 
-# The stripe library logs two INFO lines per API call; in a worker each line
-# also crosses a pipe to Dramatiq's parent process. Its failures reach us as
-# exceptions, which the jobs log and count.
-logging.getLogger("stripe").setLevel(logging.WARNING)
+
+class LogContext(Middleware):
+    """Every line logged while a message is handled names what the message
+    names: the event of `apply_event` (and of its give-up callback), the run
+    and job of a job actor. Hooks run on the worker thread that handles the
+    message, so the context is that thread's alone."""
+
+    def __init__(self) -> None:
+        self._jobs = {job.actor: job.name for job in JOBS}
+        self._bound = threading.local()
+
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
+        self._bound.token = logs.bind(**self._fields(message.actor_name, message.args))
+
+    def after_process_message(self, broker: Broker, message: MessageProxy, **_: Any) -> None:
+        token = getattr(self._bound, "token", None)
+        if token is not None:
+            self._bound.token = None
+            logs.unbind(token)
+
+    after_skip_message = after_process_message
+
+    def _fields(self, actor: str, args: tuple[Any, ...]) -> dict[str, Any]:
+        if actor == APPLY_EVENT and args:
+            return {"event_id": args[0]}
+        if actor == "give_up_event" and args and isinstance(args[0], dict):
+            return {"event_id": (args[0].get("args") or [None])[0]}
+        if actor in self._jobs and args:
+            return {"run_id": args[0], "job": self._jobs[actor]}
+        return {}
+
 
 settings = load_settings()
+# Dramatiq's CLI has already pointed the root logger at this process's log
+# pipe (sys.stderr here) in its own format; payfleet's handler replaces it.
+logs.configure("worker", settings.log_format)
 broker = build_broker(settings)
 # Dramatiq's Prometheus middleware, with an exporter that survives a taken port.
 broker.add_middleware(WorkerMetrics())
+broker.add_middleware(LogContext())
 dramatiq.set_broker(broker)
 engine = engine_for(settings, pool_size=settings.db_pool_size, max_overflow=4)
 sessions = make_sessions(engine)

@@ -1,0 +1,272 @@
+"""How every payfleet process logs: text on a terminal, one JSON object per
+line otherwise (`LOG_FORMAT` forces either).
+
+A JSON line carries `ts`, `level`, `logger`, `msg`, `process` (ingress,
+worker, scheduler, cli) and, when known, the context fields: `trace_id`,
+`event_id`, `order_id`, `run_id`, `job`. Context is bound per thread of
+work with `log_context(...)` (or `bind`/`unbind` from hooks that open and
+close it apart), kept in a contextvar, so a line written anywhere below
+carries it without being passed the ids. A field given as `extra=` wins.
+
+During a RabbitMQ outage pika and Dramatiq's consumers log an error (pika a
+traceback) on every reconnect attempt; `BrokerOutages` turns that into one
+warning when the outage starts and one line when a connection succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from datetime import UTC, datetime
+from typing import IO, Any, ClassVar
+
+import pika.exceptions
+from dramatiq.errors import BrokerConnectionError
+from pythonjsonlogger.json import JsonFormatter
+
+CONTEXT_FIELDS = ("trace_id", "event_id", "order_id", "run_id", "job")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_context: ContextVar[Mapping[str, object] | None] = ContextVar("payfleet_log_context", default=None)
+
+
+# --- context ------------------------------------------------------------------
+
+
+def bind(**fields: object) -> Token[Mapping[str, object] | None]:
+    """Add fields to the current context (None leaves a field out); give the
+    token to `unbind` when the work is done."""
+    unknown = set(fields) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log context field(s) {sorted(unknown)}; known: {CONTEXT_FIELDS}")
+    known = {name: value for name, value in fields.items() if value is not None}
+    return _context.set({**(_context.get() or {}), **known})
+
+
+def unbind(token: Token[Mapping[str, object] | None]) -> None:
+    _context.reset(token)
+
+
+@contextmanager
+def log_context(**fields: object) -> Iterator[None]:
+    token = bind(**fields)
+    try:
+        yield
+    finally:
+        unbind(token)
+
+
+class ContextFields(logging.Filter):
+    """Copies the bound context onto each record, so both formatters (and any
+    other handler) see the fields as record attributes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in (_context.get() or {}).items():
+            if not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
+
+class AccessFields(logging.Filter):
+    """gunicorn's access records carry their atoms as the record's args: the
+    JSON line gets them as fields of their own, not only inside `msg`."""
+
+    ATOMS: ClassVar[dict[str, str]] = {
+        "m": "method",
+        "U": "path",
+        "s": "status",
+        "M": "duration_ms",
+        "h": "remote",
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        atoms = record.args
+        if isinstance(atoms, Mapping):
+            for atom, field in self.ATOMS.items():
+                setattr(record, field, atoms.get(atom))
+        return True
+
+
+# --- formatters ---------------------------------------------------------------
+
+
+class JsonLines(JsonFormatter):
+    """python-json-logger's formatter with payfleet's field names, `ts`
+    first (UTC, milliseconds) and the process name on every line."""
+
+    def __init__(self, process: str) -> None:
+        super().__init__(
+            ["levelname", "name", "message"],
+            rename_fields={"levelname": "level", "name": "logger", "message": "msg"},
+            static_fields={"process": process},
+        )
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        log_data["ts"] = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        super().add_fields(log_data, record, message_dict)
+
+
+class TextLines(logging.Formatter):
+    """The terminal format, with the context fields that are known at the end."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        known = [f"{name}={getattr(record, name)}" for name in CONTEXT_FIELDS if hasattr(record, name)]
+        return f"{line} [{' '.join(known)}]" if known else line
+
+
+def use_json(log_format: str, stream: IO[str] | None = None) -> bool:
+    """`json` or `text` as set; unset, text only when a person is watching:
+    the process's own stderr (Dramatiq swaps sys.stderr for a pipe in its
+    worker processes, so the original is asked) is a terminal."""
+    if log_format:
+        return log_format == "json"
+    stream = stream or sys.__stderr__
+    return not (stream is not None and stream.isatty())
+
+
+def formatter(process: str, log_format: str) -> logging.Formatter:
+    return JsonLines(process) if use_json(log_format) else TextLines()
+
+
+# --- RabbitMQ outages ---------------------------------------------------------
+
+# An exception of these types, raised or logged as an argument, means the
+# connection to RabbitMQ is gone.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.StreamLostError,
+    BrokerConnectionError,  # Dramatiq's ConnectionClosed, ConnectionFailed
+    ConnectionError,
+)
+
+
+class BrokerOutages(logging.Filter):
+    """One warning per RabbitMQ outage instead of an error or traceback per
+    reconnect attempt (six consumers retry every 3 s in each worker process;
+    publishers warn on every publish). The outage ends when pika reports a
+    connection made, which is logged once with what was held back.
+
+    Needs pika's logger at INFO (`configure` sets it) to see the successful
+    connection; pika's INFO records are dropped here, as before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        self._hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("pika") and record.levelno < logging.WARNING:
+            return self._maybe_back(record)
+        if self._is_connection_error(record):
+            return self._outage(record)
+        if self._since is not None and record.name.startswith("dramatiq.worker.ConsumerThread"):
+            return self._hide()  # "Restarting consumer in 3.00 seconds."
+        return True
+
+    def _is_connection_error(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        if record.name.startswith("pika"):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        args = record.args if isinstance(record.args, tuple) else ()
+        return any(isinstance(value, _CONNECTION_ERRORS) for value in (exc, *args))
+
+    def _outage(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            if self._since is not None:
+                self._hidden += 1
+                return False
+            self._since = record.created
+        cause = (record.getMessage().splitlines() or [""])[0][:200]
+        record.msg = "RabbitMQ connection lost (%s: %s); repeats are not logged until it is back"
+        record.args = (record.name, cause)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+    def _hide(self) -> bool:
+        with self._lock:
+            self._hidden += 1
+        return False
+
+    def _maybe_back(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Connection workflow succeeded"):
+            return False
+        with self._lock:
+            if self._since is None:
+                return False
+            since, hidden = self._since, self._hidden
+            self._since, self._hidden = None, 0
+        record.msg = "RabbitMQ connection back after %.1f s; %d repeated connection error line(s) not logged"
+        record.args = (record.created - since, hidden)
+        return True
+
+
+# --- set-up -------------------------------------------------------------------
+
+
+def handler(process: str, log_format: str, stream: IO[str] | None = None) -> logging.Handler:
+    """A handler with payfleet's format and filters, on `stream` (default
+    stderr as it is now: in a Dramatiq worker process, its log pipe)."""
+    made = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    made.setFormatter(formatter(process, log_format))
+    made.addFilter(ContextFields())
+    made.addFilter(BrokerOutages())
+    return made
+
+
+def configure(
+    process: str, log_format: str, *, stream: IO[str] | None = None, level: int = logging.INFO
+) -> None:
+    """Make the root logger write through one payfleet handler, in place of
+    whatever was set before (basicConfig's, Dramatiq's)."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler(process, log_format, stream))
+    root.setLevel(level)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    # pika at INFO only so that BrokerOutages sees a connection made; it
+    # drops pika's INFO lines. stripe logs two INFO lines per API call.
+    logging.getLogger("pika").setLevel(logging.INFO)
+    logging.getLogger("stripe").setLevel(logging.WARNING)
+
+
+def gunicorn_logconfig(process: str, log_format: str) -> dict[str, Any]:
+    """gunicorn's `logconfig_dict`: its error and access logs and everything
+    the app logs go through the root logger's one payfleet handler (stderr);
+    access lines get their method, path, status and duration as fields."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "root": {"level": "INFO", "handlers": ["payfleet"]},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": [], "propagate": True},
+            "gunicorn.access": {
+                "level": "INFO",
+                "handlers": [],
+                "propagate": True,
+                "filters": ["access_fields"],
+            },
+            "pika": {"level": "INFO"},
+            "stripe": {"level": "WARNING"},
+        },
+        "filters": {"access_fields": {"()": AccessFields}},
+        "handlers": {"payfleet": {"()": handler, "process": process, "log_format": log_format}},
+        "formatters": {},
+    }

@@ -1,0 +1,217 @@
+"""Logs: one JSON object per line from every process (LOG_FORMAT=json, or
+whenever stderr is not a terminal), with the context a line was written in,
+and one warning per RabbitMQ outage instead of a traceback per reconnect."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from payfleet.platform import logs
+from tests.conftest import ADMIN_TOKEN, eventually, free_port
+from tests.support.shop import deliver
+from tests.support.stripe_signing import stripe_event
+from tests.support.tcp_proxy import TcpProxy
+
+Start = Callable[..., tuple[subprocess.Popen[bytes], Path]]
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def json_root() -> Iterator[io.StringIO]:
+    """The root logger writing JSON into a buffer, as `configure` sets it up
+    for a process; the test's own handlers are put back afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    levels = {name: logging.getLogger(name).level for name in ("pika", "stripe")}
+    logs.configure("worker", "json", stream=stream)
+    yield stream
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+
+
+def test_a_json_line_has_the_fields_and_the_bound_context(json_root):
+    log = logging.getLogger("payfleet.test")
+    with logs.log_context(event_id=41, job=None):
+        with logs.log_context(run_id=7, job="expire-stale-orders"):
+            log.info("inner %s", "work")
+        log.warning("outer", extra={"order_id": "ord_1"})
+    log.info("outside")
+
+    inner, outer, outside = _lines(json_root)
+    assert list(inner)[:5] == ["ts", "level", "logger", "msg", "process"]
+    assert inner["level"] == "INFO" and inner["logger"] == "payfleet.test" and inner["msg"] == "inner work"
+    assert inner["process"] == "worker"
+    assert (inner["event_id"], inner["run_id"], inner["job"]) == (41, 7, "expire-stale-orders")
+    assert outer["event_id"] == 41 and outer["order_id"] == "ord_1" and "run_id" not in outer
+    assert not {"event_id", "run_id", "job", "order_id", "trace_id"} & set(outside)
+    assert inner["ts"].endswith("+00:00")
+
+
+def test_a_traceback_stays_inside_its_one_line(json_root):
+    try:
+        raise RuntimeError("boom\nsecond line")
+    except RuntimeError:
+        logging.getLogger("payfleet.test").exception("failed")
+    (line,) = _lines(json_root)
+    assert line["msg"] == "failed" and "RuntimeError: boom" in line["exc_info"]
+
+
+def test_an_unknown_context_field_is_refused():
+    with pytest.raises(ValueError, match="unknown log context field"), logs.log_context(evnt_id=1):
+        pass
+
+
+def test_text_on_a_terminal_json_otherwise_unless_forced():
+    primary, secondary = os.openpty()
+    with open(secondary, "w") as terminal:
+        assert logs.use_json("", terminal) is False
+        assert logs.use_json("json", terminal) is True
+    os.close(primary)
+    assert logs.use_json("", io.StringIO()) is True
+    assert logs.use_json("text", io.StringIO()) is False
+
+
+def test_the_text_format_ends_with_the_known_context():
+    record = logging.LogRecord("payfleet.test", logging.INFO, __file__, 1, "applied", (), None)
+    with logs.log_context(event_id=3, trace_id="tr_1"):
+        logs.ContextFields().filter(record)
+    assert logs.TextLines().format(record).endswith(" INFO payfleet.test: applied [trace_id=tr_1 event_id=3]")
+
+
+# --- the processes --------------------------------------------------------------
+
+
+@pytest.fixture
+def start(env: dict[str, str], tmp_path: Path) -> Iterator[Start]:
+    """`payfleet <args>` as a real process group, LOG_FORMAT=json, its stdout
+    and stderr kept in one file."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def run(*args: str, **extra_env: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"process-{len(started)}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "payfleet.cli", *args],
+                env={**os.environ, **env, "LOG_FORMAT": "json", "WEB_CONCURRENCY": "1", **extra_env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        started.append(process)
+        return process, log
+
+    yield run
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of a process's output parsed as JSON. Dramatiq's own parent
+    and fork processes (the worker's supervisor and its metrics exporter)
+    keep Dramatiq's text format: they are left out."""
+    return [
+        json.loads(line)
+        for line in text.splitlines()
+        if "[dramatiq.MainProcess]" not in line and "[dramatiq.ForkProcess" not in line
+    ]
+
+
+def _find(log: Path | str, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    text = log.read_text(errors="replace") if isinstance(log, Path) else log
+    return [line for line in _json_lines(text) if match(line)]
+
+
+def test_ingress_error_and_access_logs_are_json(start):
+    port = free_port()
+    _, log = start("ingress", "--bind", f"127.0.0.1:{port}")
+
+    def healthz() -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    eventually(healthz, timeout=30, interval=0.2)
+    access = eventually(lambda: _find(log, lambda line: line["logger"] == "gunicorn.access"))
+    assert access[0]["process"] == "ingress"
+    assert (access[0]["method"], access[0]["path"], access[0]["status"]) == ("GET", "/healthz", "200")
+    assert isinstance(access[0]["duration_ms"], int)
+    booted = _find(log, lambda line: line["logger"] == "gunicorn.error")
+    assert booted and all(line["process"] == "ingress" for line in booted)
+
+
+def test_scheduler_lines_are_json(start):
+    _, log = start("scheduler")
+    started = eventually(lambda: _find(log, lambda line: line["msg"].startswith("scheduler started")))
+    assert started[0]["process"] == "scheduler" and started[0]["logger"] == "schedules.scheduler"
+
+
+def test_worker_lines_name_the_event_and_the_job_run_they_handle(start, client, admin_headers):
+    _, log = start("worker", "--processes", "1", "--threads", "2")
+    body = stripe_event("customer.created", {"id": "cus_1", "object": "customer"})
+    assert deliver(client, body).status_code == 200
+    run = client.simulate_post("/admin/jobs/clean-expired-carts/run", headers=admin_headers)
+    assert run.status_code == 202
+    run_id = run.json["run_id"]
+
+    event_lines = eventually(lambda: _find(log, lambda line: line.get("event_id") is not None), timeout=30)
+    assert event_lines[0]["process"] == "worker" and event_lines[0]["logger"] == "workers.apply_events"
+    job_lines = eventually(lambda: _find(log, lambda line: line.get("run_id") == run_id), timeout=30)
+    assert job_lines[0]["job"] == "clean-expired-carts"
+    assert ADMIN_TOKEN not in log.read_text()
+
+
+def test_a_rabbitmq_outage_is_one_warning_not_a_traceback_per_attempt(start, broker_url):
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        worker, log = start(
+            "worker", "--processes", "1", "--threads", "2", BROKER_URL=proxy.url_for(broker_url)
+        )
+        eventually(lambda: _find(log, lambda line: "ready for action" in line["msg"]), timeout=30)
+        proxy.cut()
+        # Six consumers retry every 3 s: some twenty attempts, each logged
+        # by pika and Dramatiq before.
+        time.sleep(10)
+        proxy.restore()
+        back = eventually(
+            lambda: _find(log, lambda line: "RabbitMQ connection back" in line["msg"]), timeout=30
+        )
+        time.sleep(1)  # consumers that reconnect after the first stay quiet
+        output = log.read_text()
+        worker.send_signal(signal.SIGTERM)  # before the proxy goes: that would be an outage
+        worker.wait(20)
+
+    lost = _find(output, lambda line: "RabbitMQ connection lost" in line["msg"])
+    assert len(lost) == 1, lost
+    assert lost[0]["level"] == "WARNING" and "exc_info" not in lost[0]
+    assert len(back) == 1
+    assert int(back[0]["msg"].split("; ")[1].split()[0]) >= 10  # the repeats held back, counted
+    assert _find(output, lambda line: line["level"] in ("WARNING", "ERROR", "CRITICAL")) == lost
+    assert "Traceback" not in output
