@@ -301,3 +301,26 @@ def job_overview(session: Session, table: JobTable, now: datetime) -> list[dict[
             }
         )
     return overview
+
+
+def reopen_failed(session: Session, run_id: int) -> str | None:
+    """A failed run made runnable again: its dead-lettered message was
+    requeued by an operator, who has fixed the cause. The run goes back to
+    `queued` (the runner skips a finished run, so without this the requeued
+    message would do nothing); the failure it had is kept in `error` until
+    the run finishes again, and `attempts` keeps counting. It is marked
+    published: the requeue is publishing it now, and the relay must neither
+    publish it a second time nor skip it for a later slot. Returns None, or
+    why the run is left as it is (a queued or running run needs nothing)."""
+    run = session.get(ScheduledRun, run_id, with_for_update=True)
+    if run is None:
+        return f"no run {run_id}"
+    if run.state in ("queued", "running"):
+        return None
+    if run.state != "failed":
+        return f"run {run_id} is {run.state}; only a failed run is run again"
+    run.state = "queued"
+    run.error = f"requeued after a failure: {run.error or 'unknown'}"[:4000]
+    run.finished_at, run.duration_ms = None, None
+    run.published_at = datetime.now(UTC)
+    return None

@@ -66,6 +66,14 @@ JOBS: tuple[Job, ...] = (
         "release_expired_reservations",
         "stock reservations older than RESERVATION_TTL_SECONDS whose order is not paid are released",
     ),
+    Job(
+        "archive-dead-letters",
+        "45 * * * *",
+        timedelta(hours=1),
+        "archive_dead_letters",
+        "dead letters older than DEAD_LETTER_ARCHIVE_AFTER_SECONDS are moved into PostgreSQL "
+        "(dead_letter_archive), so none expires unseen",
+    ),
 )
 
 

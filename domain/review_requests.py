@@ -188,3 +188,22 @@ def give_up_review_request(session: Session, request_id: int) -> str:
         last = request.last_error or "no attempt reached the messaging API"
         request.last_error = f"gave up after {request.attempts} attempts; last: {last}"[:2000]
     return request.status
+
+
+def reopen_failed(session: Session, request_id: int) -> str | None:
+    """A failed request made sendable again (`pending`): its dead-lettered
+    message was requeued by an operator, who has fixed the cause. A send
+    whose outcome is unknown may have reached the customer and is never
+    reopened: one message per order, ever, outweighs a missed review.
+    Returns None, or why the request is left as it is."""
+    request = session.get(ReviewRequest, request_id, with_for_update=True)
+    if request is None:
+        return f"no review request {request_id}"
+    if request.status == "pending":
+        return None
+    if request.status == "failed" and (request.last_error or "").startswith("outcome unknown"):
+        return f"review request {request_id} may already have been sent (outcome unknown); never sent twice"
+    if request.status != "failed":
+        return f"review request {request_id} is {request.status}; only a failed request is sent again"
+    request.status, request.claimed_at = "pending", None
+    return None
