@@ -37,6 +37,7 @@ from domain.job_runs import StartedRun
 from domain.job_table import JobTable
 from domain.messaging import WhatsAppApiGateway, WhatsAppGateway
 from domain.throttle import RateLimiter, ThrottledRequestsClient
+from payfleet.platform import dead_letter_queues
 from payfleet.platform.config import Settings, job_table
 from payfleet.platform.publishing import (
     JOBS_QUEUE,
@@ -289,12 +290,20 @@ def _release_expired_reservations(c: JobContext, run: StartedRun, counts: Counte
             return
 
 
+def _archive_dead_letters(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
+    # RabbitMQ drops a dead letter after DEAD_LETTER_TTL_SECONDS without a
+    # word: letters are moved into PostgreSQL long before that.
+    age = timedelta(seconds=c.settings.dead_letter_archive_after_seconds)
+    counts.update(dead_letter_queues.archive_older_than(c.settings, c.sessions, age))
+
+
 WORK: dict[str, Work] = {
     "expire-stale-orders": _expire_stale_orders,
     "cleanup-stale-payment-intents": _cleanup_stale_payment_intents,
     "clean-expired-carts": _clean_expired_carts,
     "request-reviews": _request_reviews,
     "release-expired-reservations": _release_expired_reservations,
+    "archive-dead-letters": _archive_dead_letters,
 }
 
 
