@@ -5,6 +5,7 @@ local fake server."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,6 +14,26 @@ import requests
 import stripe
 
 from domain.errors import ProviderError
+
+
+class ProviderFailure(ProviderError):
+    """A provider call that failed, and how (`outcome`): routing falls back on
+    any of them, and an unanswered call (`timeout`, `unreachable`) may have
+    created something at the provider that must be abandoned."""
+
+    def __init__(self, detail: str, outcome: str, **extra: Any) -> None:
+        super().__init__(detail, **extra)
+        self.outcome = outcome
+
+    @property
+    def unanswered(self) -> bool:
+        return self.outcome in ("timeout", "unreachable")
+
+
+def _outcome_of_status(status: int | None) -> str:
+    if status is None:
+        return "failed"
+    return "server_error" if status >= 500 else "refused"
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,9 @@ class StripeGateway(Protocol):
         self, intent_id: str, *, reason: str, idempotency_key: str
     ) -> PaymentIntent: ...
 
+    @property
+    def configured(self) -> bool: ...
+
 
 class StripeApiGateway:
     """Stripe through `stripe.StripeClient`. Library errors are turned into
@@ -58,6 +82,10 @@ class StripeApiGateway:
             max_network_retries=max_retries,
         )
         self._configured = bool(api_key)
+
+    @property
+    def configured(self) -> bool:
+        return self._configured
 
     def create_payment_intent(
         self, *, amount: int, currency: str, metadata: dict[str, str], idempotency_key: str
@@ -90,9 +118,16 @@ class StripeApiGateway:
     def list_payment_intents(self, *, created_gte: int) -> Iterator[PaymentIntent]:
         """Every PaymentIntent created at or after `created_gte` (Unix time),
         newest first; the library fetches the pages as they are consumed."""
+        return self._list({"created": {"gte": created_gte}, "limit": 100})
+
+    def list_payment_intents_after(self, intent_id: str) -> Iterator[PaymentIntent]:
+        """The PaymentIntents created after `intent_id`, oldest first (the
+        library pages backwards from it as they are consumed)."""
+        return self._list({"ending_before": intent_id, "limit": 100})
+
+    def _list(self, params: dict[str, Any]) -> Iterator[PaymentIntent]:
         if not self._configured:
-            raise ProviderError("Stripe is not configured (STRIPE_API_KEY is empty)")
-        params: dict[str, Any] = {"created": {"gte": created_gte}, "limit": 100}
+            raise ProviderFailure("Stripe is not configured (STRIPE_API_KEY is empty)", "unconfigured")
         try:
             for intent in self._client.v1.payment_intents.list(params=params).auto_paging_iter():  # type: ignore[arg-type]
                 yield PaymentIntent(
@@ -107,7 +142,7 @@ class StripeApiGateway:
 
     def _call(self, request: Any) -> PaymentIntent:
         if not self._configured:
-            raise ProviderError("Stripe is not configured (STRIPE_API_KEY is empty)")
+            raise ProviderFailure("Stripe is not configured (STRIPE_API_KEY is empty)", "unconfigured")
         try:
             intent = request()
         except stripe.StripeError as error:
@@ -121,11 +156,15 @@ class StripeApiGateway:
             metadata=intent.metadata.to_dict() if intent.metadata else {},
         )
 
-    def _failure(self, error: stripe.StripeError) -> ProviderError:
+    def _failure(self, error: stripe.StripeError) -> ProviderFailure:
         """What failed, for the 502 and the order's timeline: never the API
         key, nor the base address the library names in network errors."""
-        return ProviderError(
-            self._secrets.scrub(f"Stripe {_stripe_failure(error)}"), provider_code=error.code
+        if isinstance(error, stripe.APIConnectionError):
+            outcome = _network_outcome(error.__cause__)
+        else:
+            outcome = _outcome_of_status(error.http_status)
+        return ProviderFailure(
+            self._secrets.scrub(f"Stripe {_stripe_failure(error)}"), outcome, provider_code=error.code
         )
 
 
@@ -176,6 +215,9 @@ class MonetbilGateway(Protocol):
 
     def check_transaction(self, transaction_id: str) -> MonetbilCheck: ...
 
+    @property
+    def configured(self) -> bool: ...
+
 
 class MonetbilApiGateway:
     """Monetbil's widget API v2.1 and check-payment API over HTTP. Transport
@@ -185,6 +227,10 @@ class MonetbilApiGateway:
         self._service_key, self._base, self._timeout = service_key, api_base.rstrip("/"), timeout
         self._secrets = _Secrets(service_key, self._base)
         self._http = requests.Session()
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._service_key)
 
     def start_payment(
         self,
@@ -213,7 +259,7 @@ class MonetbilApiGateway:
         url = answer.get("payment_url")
         if answer.get("success") is not True or not isinstance(url, str):
             reason = answer.get("message") or "no reason given"
-            raise ProviderError(self._secrets.scrub(f"Monetbil refused the payment: {reason}"))
+            raise ProviderFailure(self._secrets.scrub(f"Monetbil refused the payment: {reason}"), "refused")
         return url
 
     def check_transaction(self, transaction_id: str) -> MonetbilCheck:
@@ -231,13 +277,17 @@ class MonetbilApiGateway:
 
     def _post(self, action: str, path: str, form: dict[str, str]) -> dict[str, Any]:
         if not self._service_key:
-            raise ProviderError("Monetbil is not configured (MONETBIL_SERVICE_KEY is empty)")
+            raise ProviderFailure(
+                "Monetbil is not configured (MONETBIL_SERVICE_KEY is empty)", "unconfigured"
+            )
         try:
             response = self._http.post(f"{self._base}{path}", data=form, timeout=self._timeout)
         except requests.RequestException as error:
-            raise self._failure(action, _network_failure(error)) from None
+            raise self._failure(action, _network_failure(error), _network_outcome(error)) from None
         if response.status_code >= 400:
-            raise self._failure(action, f"answered HTTP {response.status_code}")
+            raise self._failure(
+                action, f"answered HTTP {response.status_code}", _outcome_of_status(response.status_code)
+            )
         try:
             answer = response.json()
         except ValueError:
@@ -248,10 +298,18 @@ class MonetbilApiGateway:
             raise self._failure(action, "answered JSON that is not an object")
         return answer
 
-    def _failure(self, action: str, what: str) -> ProviderError:
+    def _failure(self, action: str, what: str, outcome: str = "failed") -> ProviderFailure:
         # requests names the URL, and the widget URL's path is the service
         # key: the detail says which call failed and how, never where.
-        return ProviderError(self._secrets.scrub(f"Monetbil {what} ({action})"))
+        return ProviderFailure(self._secrets.scrub(f"Monetbil {what} ({action})"), outcome)
+
+
+def _network_outcome(error: BaseException | None) -> str:
+    """A refused connection reached nothing; any other transport failure
+    may have been carried out without our hearing back."""
+    if isinstance(error, requests.Timeout):
+        return "timeout"
+    return "connection_refused" if "Connection refused" in str(error) else "unreachable"
 
 
 def _network_failure(error: BaseException | None) -> str:
@@ -292,3 +350,184 @@ def _whole(value: Any) -> int | None:
     except ValueError:
         return None
     return int(number) if number.is_integer() else None
+
+
+# --- the payment provider contract (routing) -------------------------------
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a provider can take. Amounts in minor units; no countries means
+    any country."""
+
+    currencies: frozenset[str]
+    countries: frozenset[str] | None = None
+    min_amount: int = 1
+    max_amount: int | None = None
+
+    def refusal(self, currency: str, country: str | None, amount: int | None) -> str | None:
+        """Why this provider cannot take such a payment, or None if it can.
+        An unknown country or amount (explain without them) is not held
+        against it."""
+        if currency not in self.currencies:
+            return f"does not take {currency}"
+        if country is not None and self.countries is not None and country not in self.countries:
+            return f"does not take payments from {country}"
+        if amount is not None and amount < self.min_amount:
+            return f"takes at least {self.min_amount} minor units, not {amount}"
+        if amount is not None and self.max_amount is not None and amount > self.max_amount:
+            return f"takes at most {self.max_amount} minor units, not {amount}"
+        return None
+
+
+@dataclass(frozen=True)
+class StartPayment:
+    """What any provider needs to start an order's payment."""
+
+    order_id: uuid.UUID
+    payment_id: uuid.UUID
+    amount: int
+    currency: str
+    item_ref: str
+    phone: str | None
+    email: str | None
+
+
+@dataclass(frozen=True)
+class StartedPayment:
+    provider_payment_id: str | None
+    # What the customer's client needs next: a client_secret or a payment_url.
+    for_customer: dict[str, str | None]
+
+
+class PaymentProvider(Protocol):
+    """One payment provider as checkout and routing see it. A new provider is
+    one module implementing this, and one line in `payment_providers`."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def health(self) -> str | None:
+        """Why the provider cannot be asked at all (not configured), or None."""
+        ...
+
+    def start(self, request: StartPayment) -> StartedPayment:
+        """Start the payment; ProviderFailure when the provider failed or refused."""
+        ...
+
+    def abandon(self, request: StartPayment) -> str:
+        """After a start that went unanswered (it may have been carried out),
+        make sure nothing stays open at the provider; says what it did."""
+        ...
+
+
+# Stripe's presentment currencies. XAF and XOF, like JPY, are zero-decimal
+# there, as in ISO 4217: an amount in our minor units is Stripe's amount.
+_STRIPE_CURRENCY_LIST = """
+USD AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BIF BMD BND BOB BRL BSD BWP BYN BZD
+CAD CDF CHF CLP CNY COP CRC CVE CZK DJF DKK DOP DZD EGP ETB EUR FJD FKP GBP GEL GIP GMD GNF GTQ
+GYD HKD HNL HTG HUF IDR ILS INR ISK JMD JPY KES KGS KHR KMF KRW KYD KZT LAK LBP LKR LRD LSL MAD
+MDL MGA MKD MMK MNT MOP MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD PAB PEN PGK PHP PKR PLN
+PYG QAR RON RSD RUB RWF SAR SBD SCR SEK SGD SHP SLE SOS SRD STD SZL THB TJS TOP TRY TTD TWD TZS
+UAH UGX UYU UZS VND VUV WST XAF XCD XOF XPF YER ZAR ZMW
+"""
+STRIPE_CURRENCIES = frozenset(_STRIPE_CURRENCY_LIST.split())
+STRIPE_MAX_AMOUNT = 99_999_999  # Stripe's largest amount: eight digits
+
+# Monetbil is paid in currencies without minor units, so the amount in minor
+# units is also the amount Monetbil expects; it serves the countries whose
+# money they are (CEMAC for XAF, UEMOA for XOF).
+MONETBIL_CURRENCIES = frozenset({"XAF", "XOF"})
+MONETBIL_COUNTRIES = frozenset(
+    {"CM", "CF", "TD", "CG", "GQ", "GA", "BJ", "BF", "CI", "GW", "ML", "NE", "SN", "TG"}
+)
+
+
+class StripeProvider:
+    name = "stripe"
+    capabilities = Capabilities(STRIPE_CURRENCIES, max_amount=STRIPE_MAX_AMOUNT)
+
+    def __init__(self, stripe: StripeGateway) -> None:
+        self._stripe = stripe
+
+    def health(self) -> str | None:
+        return None if self._stripe.configured else "not configured (STRIPE_API_KEY is empty)"
+
+    def start(self, request: StartPayment) -> StartedPayment:
+        intent = self._create(request)
+        return StartedPayment(intent.id, {"client_secret": intent.client_secret})
+
+    def abandon(self, request: StartPayment) -> str:
+        # Asking again with the same idempotency key and parameters answers
+        # the intent the unanswered call created, without creating another
+        # (or creates one when the first never ran); either way it is then
+        # cancelled, so nothing the customer never saw stays open.
+        intent = self._create(request)
+        if intent.status in ("succeeded", "canceled"):
+            return f"PaymentIntent {intent.id} was already {intent.status}"
+        self._stripe.cancel_payment_intent(
+            intent.id, reason="abandoned", idempotency_key=f"payfleet-abandon-{request.payment_id}"
+        )
+        return f"PaymentIntent {intent.id} cancelled"
+
+    def _create(self, request: StartPayment) -> PaymentIntent:
+        return self._stripe.create_payment_intent(
+            amount=request.amount,
+            currency=request.currency,
+            metadata={"order_id": str(request.order_id), "payment_id": str(request.payment_id)},
+            # Deterministic: a retried call can never create a second intent.
+            idempotency_key=f"payfleet-checkout-{request.payment_id}",
+        )
+
+
+@dataclass(frozen=True)
+class MonetbilLinks:
+    """Where Monetbil sends the callback and the customer afterwards."""
+
+    notify_url: str
+    return_url: str
+
+
+class MonetbilProvider:
+    name = "monetbil"
+    capabilities = Capabilities(MONETBIL_CURRENCIES, MONETBIL_COUNTRIES)
+
+    def __init__(self, monetbil: MonetbilGateway, links: MonetbilLinks) -> None:
+        self._monetbil, self._links = monetbil, links
+
+    def health(self) -> str | None:
+        return None if self._monetbil.configured else "not configured (MONETBIL_SERVICE_KEY is empty)"
+
+    def start(self, request: StartPayment) -> StartedPayment:
+        # Monetbil names no transaction until the customer pays; the callback
+        # finds the payment by payment_ref, our order id.
+        url = self._monetbil.start_payment(
+            amount=request.amount,
+            currency=request.currency,
+            payment_ref=str(request.order_id),
+            item_ref=request.item_ref,
+            notify_url=self._links.notify_url,
+            return_url=self._links.return_url,
+            phone=request.phone,
+            email=request.email,
+        )
+        return StartedPayment(None, {"payment_url": url})
+
+    def abandon(self, request: StartPayment) -> str:
+        # A widget session is only a page the customer was never sent to;
+        # Monetbil has nothing to cancel.
+        return "nothing to cancel at Monetbil (its payment page was never shown)"
+
+
+def payment_providers(
+    stripe: StripeGateway, monetbil: MonetbilGateway, links: MonetbilLinks
+) -> dict[str, PaymentProvider]:
+    """Every provider checkout can route to, by name: one line each."""
+    providers: list[PaymentProvider] = [
+        StripeProvider(stripe),
+        MonetbilProvider(monetbil, links),
+    ]
+    return {provider.name: provider for provider in providers}

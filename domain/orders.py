@@ -7,7 +7,7 @@ unit of work commits it, so a rule's effects and its marks land together.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
@@ -35,8 +35,15 @@ class PlaceOrder:
     cart_id: str | None = None
 
 
-def place_order(session: Session, command: PlaceOrder, payment_window: timedelta) -> tuple[Order, Payment]:
-    """Create the order, its lines, its payment and hold its stock."""
+def place_order(
+    session: Session,
+    command: PlaceOrder,
+    payment_window: timedelta,
+    choose_provider: Callable[[int], str] | None = None,
+) -> tuple[Order, Payment]:
+    """Create the order, its lines, its payment and hold its stock.
+    `choose_provider`, given the total, names the payment's provider (payment
+    routing); raising there leaves nothing behind."""
     order_id = uuid.uuid4()
     if command.cart_id is not None:
         command = replace(command, lines=carts.lines_for_checkout(session, command.cart_id))
@@ -50,6 +57,7 @@ def place_order(session: Session, command: PlaceOrder, payment_window: timedelta
                 f"{sku} is priced in {products[sku].currency}, not {command.currency}", sku=sku
             )
     total = sum(products[sku].price * quantity for sku, quantity in command.lines)
+    provider = command.provider if choose_provider is None else choose_provider(total)
     order = Order(
         id=order_id,
         status="pending_payment",
@@ -67,7 +75,7 @@ def place_order(session: Session, command: PlaceOrder, payment_window: timedelta
     payment = Payment(
         id=uuid.uuid4(),
         order_id=order.id,
-        provider=command.provider,
+        provider=provider,
         status="pending",
         amount=total,
         currency=command.currency,

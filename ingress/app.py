@@ -10,12 +10,20 @@ import falcon
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.gateways import MonetbilApiGateway, MonetbilGateway, StripeApiGateway, StripeGateway
+from domain.circuit import CircuitPolicy
+from domain.gateways import (
+    MonetbilApiGateway,
+    MonetbilGateway,
+    MonetbilLinks,
+    StripeApiGateway,
+    StripeGateway,
+    payment_providers,
+)
 from domain.order_bounds import OrderBounds
-from ingress import admin_jobs, errors
+from ingress import admin_jobs, admin_routing, errors
 from ingress.admin import AdminAuth, Events, Orders, Products, ReservationStats
 from ingress.carts import Carts
-from ingress.checkout import Checkout, MonetbilLinks
+from ingress.checkout import Checkout, Router
 from ingress.health import CountResponses, Healthz, Metrics, Readyz
 from ingress.webhooks import MonetbilWebhook, StripeWebhook
 from payfleet.platform.broker import build_broker
@@ -53,9 +61,9 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
         return_url=s.monetbil_return_url or f"{s.public_base_url}/",
     )
     bounds = OrderBounds(s.max_order_units, s.max_order_lines)
-    app.add_route(
-        "/checkout", Checkout(c.sessions, c.stripe, c.monetbil, links, window, s.max_body_bytes, bounds)
-    )
+    router = Router(payment_providers(c.stripe, c.monetbil, links), circuit_policy(s))
+    app.add_route("/checkout", Checkout(c.sessions, router, window, s.max_body_bytes, bounds))
+    admin_routing.add_routes(app, c.sessions, router)
     carts = Carts(c.sessions, timedelta(seconds=s.cart_ttl_seconds), bounds)
     app.add_route("/carts", carts)
     app.add_route("/carts/{cart_id}", carts, suffix="cart")
@@ -81,6 +89,14 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/readyz", readyz)
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))
     return app
+
+
+def circuit_policy(s: Settings) -> CircuitPolicy:
+    return CircuitPolicy(
+        failures=s.routing_circuit_failures,
+        window=timedelta(seconds=s.routing_circuit_window_seconds),
+        cooldown=timedelta(seconds=s.routing_circuit_cooldown_seconds),
+    )
 
 
 def collaborators(settings: Settings) -> Collaborators:

@@ -140,3 +140,24 @@ def race(calls: Sequence[Callable[..., testing.Result]]) -> list[testing.Result]
     for result in results:
         assert isinstance(result, testing.Result), f"a call raised instead of answering: {result!r}"
     return results
+
+
+# --- payment routing (issue 11) ---------------------------------------------------
+
+
+def put_routing(client: testing.TestClient, rules: list[dict[str, Any]]) -> testing.Result:
+    return client.simulate_put("/admin/routing", json={"rules": rules}, headers=ADMIN)
+
+
+def auto_checkout(
+    client: testing.TestClient, *lines: tuple[str, int], currency: str, country: str | None = None
+) -> testing.Result:
+    """Check out without naming a provider: the routing rules choose."""
+    body: dict[str, Any] = {
+        "items": [{"sku": sku, "quantity": quantity} for sku, quantity in lines],
+        "currency": currency,
+        "customer": {"email": "ama@example.cm", "phone": "+237670000000"},
+    }
+    if country is not None:
+        body["country"] = country
+    return client.simulate_post("/checkout", json=body)
