@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from payfleet import sandbox
 from payfleet.platform.config import Settings
 from payfleet.platform.publishing import QUEUES
 
@@ -54,10 +56,17 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def _up(settings: Settings, args: argparse.Namespace) -> int:
     """The whole fleet in the foreground: migrate, then ingress, worker and
-    scheduler as child processes. Ctrl-C (or any child dying) stops them all."""
+    scheduler as child processes. Ctrl-C (or any child dying) stops them all.
+    With no provider key at all, the local sandbox stands in for Stripe and
+    Monetbil and runs beside them, so the whole payment path can be seen."""
     _migrate(settings, args)
     me = [sys.executable, "-m", "payfleet.cli"]
-    children = [
+    children = []
+    if sandbox.wanted(settings.stripe_api_key, settings.monetbil_service_key):
+        print(sandbox.NOTICE, flush=True)
+        me = [*_with_sandbox(settings, args.bind), *me]
+        children.append(subprocess.Popen([*me, "sandbox", "--webhook-url", _local_url(args.bind)]))
+    children += [
         subprocess.Popen([*me, "ingress", "--bind", args.bind]),
         subprocess.Popen([*me, "worker", "--processes", str(args.processes), "--threads", str(args.threads)]),
         subprocess.Popen([*me, "scheduler"]),
@@ -73,6 +82,22 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
     while not stopping and all(child.poll() is None for child in children):
         time.sleep(0.2)
     return _stop_all(children)
+
+
+def _with_sandbox(settings: Settings, bind: str) -> list[str]:
+    """`env NAME=VALUE …`: the children inherit this environment plus the
+    sandbox's addresses, keys and this run's secrets (only the settings
+    module reads the environment, so `env` adds to it)."""
+    extra = sandbox.environment(settings.sandbox_bind)
+    if settings.public_base_url == Settings.public_base_url:
+        # Monetbil's callbacks go to PUBLIC_BASE_URL: by default, this ingress.
+        extra["PUBLIC_BASE_URL"] = _local_url(bind)
+    return [shutil.which("env") or "/usr/bin/env", *(f"{name}={value}" for name, value in extra.items())]
+
+
+def _local_url(bind: str) -> str:
+    host, _, port = bind.rpartition(":")
+    return f"http://{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
 
 
 def _stop_all(children: Sequence[subprocess.Popen[bytes]]) -> int:

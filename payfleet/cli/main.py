@@ -27,9 +27,13 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 
         groups += [events, dead_letters, jobs]
     if command not in FLEET_COMMANDS:
-        from payfleet.cli import sandbox
+        from payfleet.cli import demo, sandbox
 
-        groups += [sandbox]
+        groups += [sandbox, demo]
+    if command not in FLEET_COMMANDS:
+        from payfleet.cli import routing
+
+        groups += [routing]
     for group in groups:
         group.add_commands(commands)
     return parser

@@ -38,7 +38,16 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     stopping = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    with Sandbox(config, host or "127.0.0.1", int(port)) as running:
+    running = Sandbox(config, host or "127.0.0.1", int(port))
+    try:
+        running.start()
+    except OSError as error:
+        print(
+            f"payfleet sandbox: cannot listen on {host}:{port} (SANDBOX_BIND): {error.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    with running:
         print(
             f"payfleet sandbox on {running.base_url} (Stripe and Monetbil APIs), "
             f"webhooks to {config.webhook_url}; no real money moves",
