@@ -27,6 +27,10 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
 
         groups += [events, dead_letters, jobs]
     if command not in FLEET_COMMANDS:
+        from payfleet.cli import routing
+
+        groups += [routing]
+    if command not in FLEET_COMMANDS:
         from payfleet.cli import demo, sandbox
 
         groups += [sandbox, demo]
