@@ -34,10 +34,6 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         from payfleet.cli import demo, sandbox
 
         groups += [sandbox, demo]
-    if command not in FLEET_COMMANDS:
-        from payfleet.cli import routing
-
-        groups += [routing]
     for group in groups:
         group.add_commands(commands)
     return parser
