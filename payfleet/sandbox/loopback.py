@@ -132,4 +132,6 @@ class LoopbackServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self._address[0]}:{self.port}"
+        # Served on every interface: this machine reaches it on loopback.
+        host = "127.0.0.1" if self._address[0] in ("", "0.0.0.0") else self._address[0]
+        return f"http://{host}:{self.port}"
