@@ -69,17 +69,21 @@ def pending_orders(
     *,
     expires_in: timedelta,
     created_ago: timedelta = timedelta(minutes=1),
-) -> None:
-    """Orders as a committed checkout leaves them (PaymentIntent id attached)."""
+    spacing: timedelta = timedelta(0),
+) -> list[datetime]:
+    """Orders as a committed checkout leaves them (PaymentIntent id attached),
+    the i-th created and expiring `i * spacing` after the first. Returns each
+    order's creation time."""
     now = datetime.now(UTC)
-    created, expires = now - created_ago, now + expires_in
+    created_at = [now - created_ago + i * spacing for i in range(len(orders))]
+    expires_at = [now + expires_in + i * spacing for i in range(len(orders))]
     reserved: Counter[str] = Counter()
     with conn.transaction(), conn.cursor() as cur:
         with cur.copy(
             "COPY orders (id, status, currency, total_amount, customer_email, expires_at, created_at,"
             " updated_at) FROM STDIN"
         ) as copy:
-            for o in orders:
+            for o, created, expires in zip(orders, created_at, expires_at, strict=True):
                 copy.write_row(
                     (
                         o.order_id,
@@ -100,7 +104,7 @@ def pending_orders(
             "COPY payments (id, order_id, provider, provider_payment_id, status, amount, currency,"
             " created_at, updated_at) FROM STDIN"
         ) as copy:
-            for o in orders:
+            for o, created in zip(orders, created_at, strict=True):
                 copy.write_row(
                     (
                         o.payment_id,
@@ -117,7 +121,7 @@ def pending_orders(
         with cur.copy(
             "COPY stock_reservations (order_id, sku, quantity, status, created_at) FROM STDIN"
         ) as copy:
-            for o in orders:
+            for o, created in zip(orders, created_at, strict=True):
                 for sku, quantity in o.lines:
                     copy.write_row((o.order_id, sku, quantity, "active", created))
                     reserved[sku] += quantity
@@ -125,11 +129,12 @@ def pending_orders(
             "COPY order_transitions (order_id, subject, from_status, to_status, reason, created_at)"
             " FROM STDIN"
         ) as copy:
-            for o in orders:
+            for o, created in zip(orders, created_at, strict=True):
                 copy.write_row((o.order_id, "order", None, "pending_payment", "checkout", created))
         for sku, units in sorted(reserved.items()):
             cur.execute("UPDATE products SET reserved = reserved + %s WHERE sku = %s", (units, sku))
     analyze(conn)
+    return created_at
 
 
 def succeeded_events(

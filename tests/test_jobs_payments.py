@@ -36,7 +36,10 @@ def test_expire_asks_stripe_first_and_expires_only_what_cannot_be_paid(
     fake_stripe.set_status(orders["processing"][1], "processing")
     # One call at a time, so that the injected failure meets one order only.
     with job_runner(sessions, replace(settings, provider_concurrency=1)) as runner:
-        fake_stripe.fail_next(3, 500)  # the first retrieve fails, library retries included
+        # Stripe's list of the batch's intents fails, and then the first
+        # retrieve (the library's retries included each time): the batch
+        # is asked one by one, and one order is not answered.
+        fake_stripe.fail_next(6, 500)
         run = run_job(runner, sessions, "expire-stale-orders")
         assert run["state"] == "succeeded", run
         failed = [
@@ -234,7 +237,9 @@ def test_expire_holds_no_row_lock_while_stripe_answers(client, sessions, setting
         took = time.monotonic() - started
 
     assert run["state"] == "succeeded" and run["counts"]["expired"] == 3, run
-    assert took >= 6 * SLOW  # a retrieve and a cancel per order, one after another
+    # One after another: the batch's list, the first order's retrieve (the
+    # list is read from its intent on), and a cancel per order.
+    assert took >= 5 * SLOW
     assert refused == []
     assert [order_status(sessions, order) for order in ids] == [("expired", "canceled")] * 3
 
@@ -326,3 +331,30 @@ def test_an_order_whose_row_stays_locked_elsewhere_is_left_for_the_next_run(
         assert product(client, "STUCK")["reserved"] == 0
     finally:
         impatient.dispose()
+
+
+def test_expire_reads_a_batch_of_intents_from_one_list_call(client, sessions, settings, fake_stripe):
+    """A batch's PaymentIntents come from Stripe's list, a hundred a call,
+    read from the batch's first intent on: one retrieve, not one an order.
+    An intent the list does not give (created before the first) is still
+    retrieved on its own."""
+    put_product(client, "LIST", 30)
+    placed = [stripe_order(client, "LIST") for _ in range(12)]
+    for minutes, (order, _) in enumerate(placed):
+        make_stale(sessions, order, age=f"{120 - minutes} minutes")  # in checkout order
+    # The third order's intent was created before the first's at Stripe.
+    early = placed[2][1]
+    fake_stripe.set_status(early, "requires_payment_method", created=int(time.time()) - 3600)
+    fake_stripe.clear_requests()
+
+    with job_runner(sessions, settings) as runner:
+        run = run_job(runner, sessions, "expire-stale-orders")
+
+    assert run["state"] == "succeeded" and run["counts"]["expired"] == 12, run
+    assert run["counts"]["listed"] == 10
+    reads = [r.path for r in fake_stripe.requests if r.method == "GET"]
+    assert sorted(reads) == sorted(
+        ["/v1/payment_intents", f"/v1/payment_intents/{placed[0][1]}", f"/v1/payment_intents/{early}"]
+    )
+    assert all(fake_stripe.get(intent)["status"] == "canceled" for _, intent in placed)
+    assert product(client, "LIST")["reserved"] == 0

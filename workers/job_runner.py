@@ -100,46 +100,61 @@ Work = Callable[[JobContext, StartedRun, Counter[str]], None]
 
 
 def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
-    """A batch is read, its orders' providers are asked side by side with no
-    transaction open, then each order is settled in a short transaction of
-    its own as its answer arrives."""
+    """A batch is read, then each of its orders is asked about and settled
+    by one of the provider-call threads: the provider is asked with no
+    transaction open, then the order is settled in a short transaction of
+    its own. Settling beside the calls, not one after another in this
+    thread, is what keeps the job bound by the provider: a settle is a
+    handful of round trips and a commit, as long as a fast provider's
+    answer."""
     attention_after = timedelta(seconds=c.settings.pending_attention_after_seconds)
-    after: uuid.UUID | None = None
+    after: StaleOrder | None = None
     while True:
         with c.sessions() as session:
             batch = expire_orders.stale_orders(session, c.clock(), after=after, limit=EXPIRE_BATCH)
-        answers = c.provider_calls.map(partial(_ask_provider, c, run.id), batch)
-        for stale, verdict in zip(batch, answers, strict=True):
-            counts["examined"] += 1
-            if isinstance(verdict, ProviderError):
-                counts["provider_errors"] += 1
-                if not stale.overdue(c.clock(), attention_after):
-                    # Left pending: the next run asks again.
-                    log.warning("order %s left pending: %s", stale.order_id, verdict.detail)
-                    continue
-                verdict = Verdict("unanswered", f"the provider keeps failing: {verdict.detail}")
-            _settle(
-                c,
-                counts,
-                partial(
-                    expire_orders.settle,
-                    order=stale,
-                    verdict=verdict,
-                    now=c.clock(),
-                    attention_after=attention_after,
-                ),
-            )
+        listed = expire_orders.listed_intents(c.gateways.stripe, batch)
+        counts["listed"] += len(listed)
+        expire = partial(_expire_one, c, run.id, attention_after, listed)
+        for found in c.provider_calls.map(expire, batch):
+            counts.update(found)
         if len(batch) < EXPIRE_BATCH:
             return
-        after = batch[-1].order_id
+        after = batch[-1]
+
+
+def _expire_one(
+    c: JobContext,
+    run_id: int,
+    attention_after: timedelta,
+    listed: dict[str, PaymentIntent],
+    stale: StaleOrder,
+) -> Counter[str]:
+    counts = Counter({"examined": 1})
+    verdict = _ask_provider(c, run_id, stale, listed.get(stale.provider_payment_id or ""))
+    if isinstance(verdict, ProviderError):
+        counts["provider_errors"] += 1
+        if not stale.overdue(c.clock(), attention_after):
+            # Left pending: the next run asks again.
+            log.warning("order %s left pending: %s", stale.order_id, verdict.detail)
+            return counts
+        verdict = Verdict("unanswered", f"the provider keeps failing: {verdict.detail}")
+    settle = partial(
+        expire_orders.settle, order=stale, verdict=verdict, now=c.clock(), attention_after=attention_after
+    )
+    _settle(c, counts, settle)
+    return counts
 
 
 EXPIRE_BATCH = 100
 
 
-def _ask_provider(c: JobContext, run_id: int, stale: StaleOrder) -> Verdict | ProviderError:
+def _ask_provider(
+    c: JobContext, run_id: int, stale: StaleOrder, listed: PaymentIntent | None
+) -> Verdict | ProviderError:
     try:
-        return expire_orders.ask_provider(c.gateways.stripe, c.gateways.monetbil, stale, run_id)
+        return expire_orders.ask_provider(
+            c.gateways.stripe, c.gateways.monetbil, stale, run_id, listed=listed
+        )
     except ProviderError as error:
         return error
 

@@ -25,6 +25,8 @@ GOAL_ORDERS_S = 150.0
 JOB = "expire-stale-orders"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SKUS = [f"EXP-{i:02d}" for i in range(10)]
+# The stale orders' checkouts are spread over 25 minutes of the past hour.
+CHECKOUTS_SPAN = timedelta(minutes=25)
 
 
 def run(ctx: Context, outcome: Outcome) -> None:
@@ -54,10 +56,25 @@ def _variant(
     with w.connect() as conn:
         seed.products(conn, SKUS, n)
         orders = seed.plan_orders(n, SKUS)
-        seed.pending_orders(conn, orders, expires_in=timedelta(minutes=-10), created_ago=timedelta(hours=1))
-        for o in orders:
+        # Checkouts evenly spread from an hour ago over CHECKOUTS_SPAN, each
+        # window 30 minutes: all over by now. Each PaymentIntent was created
+        # with its order, as at checkout.
+        created_at = seed.pending_orders(
+            conn,
+            orders,
+            created_ago=timedelta(hours=1),
+            expires_in=timedelta(minutes=-30),
+            spacing=CHECKOUTS_SPAN / n,
+        )
+        for o, created in zip(orders, created_at, strict=True):
             metadata = {"order_id": str(o.order_id), "payment_id": str(o.payment_id)}
-            fake.add_payment_intent(id=o.intent_id, amount=o.amount, currency="eur", metadata=metadata)
+            fake.add_payment_intent(
+                id=o.intent_id,
+                amount=o.amount,
+                currency="eur",
+                metadata=metadata,
+                created=int(created.timestamp()),
+            )
         base = w.ingress()
         w.worker(ctx.params.processes, ctx.params.threads, STRIPE_MAX_RPS=str(rps))
         fake.delay(latency_ms / 1000)
@@ -65,7 +82,7 @@ def _variant(
         answer = requests.post(f"{base}/admin/jobs/{JOB}/run", headers=ADMIN, timeout=30)
         answer.raise_for_status()
         run_id = answer.json()["run_id"]
-        # Two calls an order at the slower of the limit and the latency, doubled, plus start-up.
+        # At most two calls an order at the slower of the limit and the latency, doubled, plus start-up.
         pace = min(rps, 1000 / latency_ms if latency_ms else rps)
         record = _wait_run(base, run_id, timeout=60 + 4 * n / pace)
         fake.delay(0)
