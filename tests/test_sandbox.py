@@ -341,3 +341,22 @@ def test_actions_are_serialized(sandbox, shop):
     assert sorted(event["data"]["object"]["metadata"]["order_id"] for _, event in shop.received) == [
         f"p-{n}" for n in range(4)
     ]
+
+
+def test_a_late_trigger_leaves_the_providers_record_as_it_was(sandbox, shop):
+    intent = _intent(sandbox, "o-13")
+    _act(sandbox, "o-13", "pay")
+    assert _act(sandbox, "o-13", "trigger", event="payment_intent.payment_failed").status_code == 200
+    late = shop.received[-1][1]
+    assert (late["type"], late["data"]["object"]["status"]) == (
+        "payment_intent.payment_failed",
+        "requires_payment_method",
+    )
+    assert _client(sandbox).v1.payment_intents.retrieve(intent.id).status == "succeeded"
+
+    _start_monetbil(sandbox, shop, "o-14")
+    paid = _act(sandbox, "o-14", "pay").json()
+    transaction = paid["transaction"]["transaction_id"]
+    _act(sandbox, "o-14", "trigger", event="failed")
+    assert shop.received[-1][1]["transaction_id"] == transaction
+    assert _monetbil(sandbox).check_transaction(transaction).status == "succeeded"

@@ -58,26 +58,28 @@ def new_id(prefix: str) -> str:
     return prefix + "".join(secrets.choice(_ALNUM) for _ in range(24))
 
 
-def settle_intent(api: StripeApi, intent: dict[str, Any], event_type: str) -> dict[str, Any]:
-    """Move the intent as `event_type` says; the event's data.object."""
+# What each PaymentIntent event says the intent became.
+_INTENT_CHANGES: dict[str, tuple[str, dict[str, Any]]] = {
+    "payment_intent.succeeded": ("succeeded", {"payment_method": "pm_card_visa", "last_payment_error": None}),
+    "payment_intent.payment_failed": ("requires_payment_method", {"last_payment_error": DECLINED}),
+    "payment_intent.canceled": ("canceled", {"cancellation_reason": "requested_by_customer"}),
+    "payment_intent.processing": ("processing", {}),
+}
+
+
+def settle_intent(api: StripeApi, intent: dict[str, Any], event_type: str, *, move: bool) -> dict[str, Any]:
+    """The event's data.object. With `move`, the intent becomes what the
+    event says first (so a retrieve agrees); without, the event carries a
+    snapshot that was never true now: a late or impossible event, which
+    leaves Stripe's record as it is."""
     charge = intent.get("latest_charge") or new_id("ch_")
-    if event_type == "payment_intent.succeeded":
-        return api.set_status(
-            intent["id"],
-            "succeeded",
-            payment_method="pm_card_visa",
-            latest_charge=charge,
-            last_payment_error=None,
-        )
-    if event_type == "payment_intent.payment_failed":
-        return api.set_status(
-            intent["id"], "requires_payment_method", latest_charge=charge, last_payment_error=DECLINED
-        )
-    if event_type == "payment_intent.canceled":
-        return api.set_status(intent["id"], "canceled", cancellation_reason="requested_by_customer")
-    if event_type == "payment_intent.processing":
-        return api.set_status(intent["id"], "processing")
-    return _refunded_charge(intent, charge)
+    if event_type == "charge.refunded":
+        return _refunded_charge(intent, charge)
+    status, fields = _INTENT_CHANGES[event_type]
+    fields = {**fields, "latest_charge": charge} if status != "canceled" else fields
+    if move:
+        return api.set_status(intent["id"], status, **fields)
+    return {**intent, **fields, "status": status}
 
 
 def _refunded_charge(intent: dict[str, Any], charge: str) -> dict[str, Any]:

@@ -192,13 +192,15 @@ class Sandbox(LoopbackServer):
                 "unknown_event",
                 f"{event_type!r} is not a Stripe event payfleet maps: {', '.join(events.STRIPE_FROM)}",
             )
-        if action != "trigger" and intent["status"] not in allowed:
+        possible = intent["status"] in allowed
+        if action != "trigger" and not possible:
             raise ActionError(
                 409,
                 "invalid_state",
                 f"cannot {action} PaymentIntent {intent['id']}: its status is {intent['status']}",
             )
-        body = events.stripe_event(event_type, events.settle_intent(self.stripe, intent, event_type))
+        obj = events.settle_intent(self.stripe, intent, event_type, move=possible)
+        body = events.stripe_event(event_type, obj)
         secret = self.config.stripe_webhook_secret
 
         def headers() -> dict[str, str]:
@@ -226,9 +228,12 @@ class Sandbox(LoopbackServer):
         if action != "trigger" and settled is not None and settled["status"] == 1:
             raise ActionError(409, "invalid_state", f"cannot {action} order {order_id}: it is paid")
         # A settled transaction is over: the customer's next try is a new one.
-        # A trigger reuses it, to send late or repeated callbacks.
+        # A trigger reuses it, to send late or repeated callbacks, and leaves
+        # what check-payment says of it as it was.
         reuse = current if action == "trigger" or settled is None else None
         form = self.monetbil.pay(order_id, status=status, transaction_id=reuse)
+        if reuse is not None and settled is not None:
+            self.monetbil.set_transaction(reuse, settled["status"])
         self._transactions[order_id] = form["transaction_id"]
         url = request.get("notify_url") or f"{self.config.webhook_url}/webhooks/monetbil"
         label = f"{status} {form['transaction_id']}"
