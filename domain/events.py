@@ -635,3 +635,87 @@ def reopen(session: Session, event_id: int) -> ProviderEvent:
         )
     event.status, event.processed_at, event.published_at = "received", None, None
     return event
+
+
+# --- replays by filter ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayFilter:
+    """Which settled events an operator replays: one replayable status, and
+    optionally a provider, an event type and a window of `received_at`
+    (since inclusive, until exclusive)."""
+
+    status: str
+    provider: str | None = None
+    event_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def replay_filter(
+    status: str | None,
+    provider: str | None = None,
+    event_type: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> ReplayFilter:
+    """Checks an operator's filter; InvalidRequest says what is wrong. A
+    status is required, so a replay never takes every event by accident."""
+    if status not in REPLAYABLE:
+        raise InvalidRequest(f"status must be one of {', '.join(REPLAYABLE)}; got {status!r}")
+    if provider is not None and provider not in HANDLERS:
+        raise InvalidRequest(f"provider must be one of {', '.join(HANDLERS)}; got {provider!r}")
+    if event_type is not None and not 0 < len(event_type) <= 128:
+        raise InvalidRequest("type must be 1 to 128 characters")
+    chosen = ReplayFilter(status, provider, event_type, _instant("since", since), _instant("until", until))
+    if chosen.since and chosen.until and chosen.since >= chosen.until:
+        raise InvalidRequest("since must be before until")
+    return chosen
+
+
+def _instant(name: str, value: str | None) -> datetime | None:
+    """An ISO 8601 time; one without an offset is taken as UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(
+            f"{name} must be an ISO 8601 time such as 2026-11-30T08:00:00Z; got {value!r}"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def replay_selection(session: Session, chosen: ReplayFilter) -> list[int]:
+    """The ids of the events a filter replays, oldest first."""
+    query = select(_EVENTS.c.id).where(_EVENTS.c.status == chosen.status).order_by(_EVENTS.c.id)
+    if chosen.provider:
+        query = query.where(_EVENTS.c.provider == chosen.provider)
+    if chosen.event_type:
+        query = query.where(_EVENTS.c.event_type == chosen.event_type)
+    if chosen.since:
+        query = query.where(_EVENTS.c.received_at >= chosen.since)
+    if chosen.until:
+        query = query.where(_EVENTS.c.received_at < chosen.until)
+    return list(session.scalars(query))
+
+
+def reopen_many(session: Session, event_ids: Sequence[int]) -> list[int]:
+    """reopen for many events at once; returns those reopened. An event
+    settled otherwise meanwhile (processed) is left out, never reopened. The
+    rows are locked in id order, as the worker's batches lock them."""
+    locked = (
+        select(_EVENTS.c.id)
+        .where(_EVENTS.c.id.in_(list(event_ids)), _EVENTS.c.status.in_(REPLAYABLE))
+        .order_by(_EVENTS.c.id)
+        .with_for_update()
+        .scalar_subquery()
+    )
+    reopened = session.execute(
+        update(_EVENTS)
+        .where(_EVENTS.c.id.in_(locked))
+        .values(status="received", processed_at=None, published_at=None)
+        .returning(_EVENTS.c.id)
+    )
+    return sorted(reopened.scalars())

@@ -10,10 +10,10 @@ from typing import Any
 import falcon
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain import orders, products, views
+from domain import events, orders, products, views
 from domain.errors import InvalidRequest, NotFound
 from ingress.errors import ApiError
-from ingress.parsing import checked_text, json_object, required
+from ingress.parsing import checked_text, json_object, optional, required
 from payfleet.platform.outbox import EventInbox
 
 MAX_BODY = 64 * 1024
@@ -195,3 +195,30 @@ class Events(AdminResource):
         published = self._inbox.replay(event_id)
         resp.status = falcon.HTTP_202
         resp.media = {"id": event_id, "status": "received", "published": published}
+
+    def on_post_replay_many(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = json_object(req, MAX_BODY)
+        chosen = replay_filter(body)
+        with self._sessions() as session:
+            selected = events.replay_selection(session, chosen)
+        if optional(body, "dry_run", bool):
+            resp.media = {"count": len(selected), "ids": selected, "dry_run": True}
+            return
+        reopened, published = self._inbox.replay_many(selected)
+        resp.status = falcon.HTTP_202
+        resp.media = {"count": len(reopened), "published": len(published)}
+
+
+REPLAY_FIELDS = frozenset({"status", "provider", "type", "since", "until", "dry_run"})
+
+
+def replay_filter(body: dict[str, Any]) -> events.ReplayFilter:
+    # A misspelt filter would otherwise be ignored and replay more than meant.
+    unknown = sorted(set(body) - REPLAY_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown field(s) {', '.join(unknown)}; filters are {', '.join(sorted(REPLAY_FIELDS))}"
+        )
+    return events.replay_filter(
+        *(optional(body, name, str) for name in ("status", "provider", "type", "since", "until"))
+    )

@@ -12,13 +12,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
-from domain.events import EventFacts, mark_published, record_event, record_events, reopen
+from domain.events import EventFacts, mark_published, record_event, record_events, reopen, reopen_many
 from domain.job_table import JobTable
 from payfleet.platform.group_commit import GroupCommit
 from payfleet.platform.publishing import Publisher, run_message
@@ -110,6 +110,8 @@ class Outbound:
                 )
 
 
+# Events an operator's replay reopens in one transaction and publishes at once.
+REPLAY_SLICE = 100
 # Stores at once what request threads bring together: a handful of webhooks
 # arriving side by side pay one INSERT and one commit.
 STORE_BATCH_MAX = 64
@@ -163,6 +165,32 @@ class EventInbox:
         with self._sessions.begin() as session:
             mark_published(session, [event_id])
         return True
+
+    def replay_many(
+        self,
+        event_ids: Sequence[int],
+        *,
+        slice_size: int = REPLAY_SLICE,
+        pace: Callable[[], None] = lambda: None,
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> tuple[list[int], list[int]]:
+        """replay for many events, a slice at a time: reopened in one
+        transaction, then published and marked. Returns (reopened,
+        published); one reopened but not published is left to the relay,
+        and one settled for good meanwhile (processed) is left out."""
+        ids, reopened, published = list(event_ids), [], []
+        for start in range(0, len(ids), slice_size):
+            with self._sessions.begin() as session:
+                opened = reopen_many(session, ids[start : start + slice_size])
+            pace()
+            sent = self._publisher.send_events(opened) if opened else []
+            if sent:
+                with self._sessions.begin() as session:
+                    mark_published(session, sent)
+            reopened += opened
+            published += sent
+            progress(min(start + slice_size, len(ids)), len(ids))
+        return reopened, published
 
 
 def start_manual_run(
