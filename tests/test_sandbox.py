@@ -360,3 +360,13 @@ def test_a_late_trigger_leaves_the_providers_record_as_it_was(sandbox, shop):
     _act(sandbox, "o-14", "trigger", event="failed")
     assert shop.received[-1][1]["transaction_id"] == transaction
     assert _monetbil(sandbox).check_transaction(transaction).status == "succeeded"
+
+
+def test_the_monetbil_payment_page_lets_a_developer_pay_as_the_customer(sandbox, shop):
+    page = requests.get(_start_monetbil(sandbox, shop, "o-15"), timeout=5)
+    assert page.status_code == 200
+    action = f"{sandbox.base_url}/sandbox/orders/o-15/pay"
+    assert f'action="{action}"' in page.text
+    clicked = requests.post(action, data={}, timeout=10)  # what the page's form sends
+    assert clicked.status_code == 200, clicked.text
+    assert [form["status"] for _, form in shop.received] == ["success"]

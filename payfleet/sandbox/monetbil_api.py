@@ -67,7 +67,7 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from payfleet.sandbox.loopback import LoopbackServer, Reply
 from payfleet.sandbox.signing import monetbil_sign
@@ -185,6 +185,9 @@ class MonetbilApi(LoopbackServer):
         # Where payment pages are served when this API is part of a larger
         # server (the sandbox) rather than started on its own.
         self.page_base: str | None = None
+        # Where the payment page's buttons post (the sandbox's /sandbox/orders
+        # routes), so a shop front's developer can pay as the customer would.
+        self.actions_url: str | None = None
         super().__init__(host, port)
         self._payments: dict[str, dict[str, str]] = {}  # payment_ref -> posted widget form
         self._tokens: dict[str, str] = {}  # payment-page token -> payment_ref
@@ -453,6 +456,12 @@ class MonetbilApi(LoopbackServer):
         if payment_ref is None:
             return _Answer(404, "<h1>Unknown payment</h1>", "text/html; charset=utf-8")
         page = f"<h1>Monetbil sandbox</h1><p>Payment {html.escape(payment_ref)}</p>"
+        if self.actions_url is not None:
+            target = f"{self.actions_url}/{quote(payment_ref, safe='')}"
+            page += "".join(
+                f'<form method="post" action="{html.escape(target)}/{action}"><button>{label}</button></form>'
+                for action, label in (("pay", "Pay"), ("fail", "Fail"), ("cancel", "Cancel"))
+            )
         return _Answer(200, page, "text/html; charset=utf-8")
 
 

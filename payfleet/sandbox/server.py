@@ -84,6 +84,7 @@ class Sandbox(LoopbackServer):
     def start(self) -> Sandbox:
         super().start()
         self.monetbil.page_base = self.base_url
+        self.monetbil.actions_url = f"{self.base_url}{SANDBOX_PREFIX}/orders"
         return self
 
     def stop(self) -> None:
