@@ -5,12 +5,13 @@ and explain, which says what checkout then does and creates nothing."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from domain.gateways import MonetbilApiGateway, MonetbilLinks, StripeApiGateway, payment_providers
-from domain.routing import Match, Rule, parse_rules, resolve
+from domain.routing import Match, Route, Rule, parse_rules, resolve
 from tests.conftest import scalar
 from tests.support.shop import ADMIN, auto_checkout, order, put_product, put_routing
 
@@ -22,7 +23,7 @@ PROVIDERS = payment_providers(
 )
 
 
-def rule(name, *providers, **match):
+def rule(name: str, *providers: str, **match: Any) -> dict[str, Any]:
     return {"name": name, "match": match, "providers": list(providers)}
 
 
@@ -34,7 +35,7 @@ RULES = [
 ]
 
 
-def _route(rules, currency, country, amount, open_circuits=None):
+def _route(rules: Any, currency: str, country: str | None, amount: int, open_circuits: Any = None) -> Route:
     parsed = parse_rules(rules, PROVIDERS)
     return resolve(parsed, PROVIDERS, open_circuits or {}, currency=currency, country=country, amount=amount)
 
@@ -98,7 +99,7 @@ def test_an_unconfigured_provider_is_skipped():
     assert route.skipped == (("stripe", "not configured (STRIPE_API_KEY is empty)"),)
 
 
-def _rule(**changes):
+def _rule(**changes: Any) -> dict[str, Any]:
     return {"name": "r1", "match": {"currency": ["XAF"]}, "providers": ["monetbil"]} | changes
 
 
@@ -269,7 +270,7 @@ EXPLAIN_CASES = [
 SKIPPED = ("stripe skipped", "monetbil skipped")
 
 
-def _counts(sessions):
+def _counts(sessions: Any) -> Any:
     with sessions() as session:
         return session.execute(
             text(

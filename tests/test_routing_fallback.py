@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from falcon import testing
@@ -51,13 +52,13 @@ def app_for(env) -> Iterator[Callable[..., testing.TestClient]]:
 
 @pytest.fixture
 def shop(app_for, fake_stripe, fake_monetbil) -> testing.TestClient:
-    client = app_for(ROUTING_CIRCUIT_FAILURES="1000")
+    client: testing.TestClient = app_for(ROUTING_CIRCUIT_FAILURES="1000")
     put_product(client, "PAGNE", on_hand=5, price=2500, currency="XAF")
     assert put_routing(client, STRIPE_FIRST).status_code == 200
     return client
 
 
-def _rows(sessions, sql: str, **params) -> list:
+def _rows(sessions: Any, sql: str, **params: Any) -> list[Any]:
     with sessions() as session:
         return list(session.execute(text(sql), params))
 
