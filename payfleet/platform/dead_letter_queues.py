@@ -18,6 +18,7 @@ takes a duplicate message as one, and an archived message id is kept once."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from collections import Counter
@@ -285,9 +286,11 @@ def _channel(parameters: pika.connection.Parameters) -> Iterator[BlockingChannel
         channel.confirm_delivery()
         yield channel
     finally:
-        # Closing returns every letter fetched but not acknowledged.
-        if connection.is_open:
-            connection.close()
+        # Closing returns every letter fetched but not acknowledged (and so
+        # does a connection that is lost: there is nothing to close then).
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            if connection.is_open:
+                connection.close()
 
 
 def _depth(channel: BlockingChannel, queue: str) -> int:
