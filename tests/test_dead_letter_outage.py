@@ -85,3 +85,39 @@ def test_rabbitmq_cut_midway_through_a_requeue_loses_no_letter(
 def _left(rabbit: pika.URLParameters, sessions: Any, settings: Any) -> list[tuple[Any, str]]:
     revive = dead_letters.reviver(sessions, dead_letters.job_actors(settings))
     return dead_letters.requeue(rabbit, revive, ("payments",), dry_run=True).left
+
+
+def test_rabbitmq_cut_midway_through_an_archive_loses_no_letter_and_stores_none_twice(
+    client, sessions, engine, worker, settings, env, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    rabbit = dead_letters.parameters_for(settings)
+    for n in range(LETTERS):
+        assert deliver(client, intent_event("payment_intent.succeeded", f"pi_arc_{n}")).status_code == 200
+    eventually(lambda: depth(rabbit) == LETTERS, timeout=30)
+
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        for name, value in {**env, "BROKER_URL": proxy.url_for(env["BROKER_URL"])}.items():
+            monkeypatch.setenv(name, value)
+        # The archive's insert waits behind a lock; RabbitMQ goes away
+        # meanwhile; the insert then commits, and the acks cannot go out.
+        with engine.connect() as holder:
+            holder.execute(text("LOCK TABLE dead_letter_archive IN ACCESS EXCLUSIVE MODE"))
+            archiving = threading.Thread(target=main, args=(["dead-letters", "archive"],))
+            archiving.start()
+            eventually(lambda: scalar(sessions, WAITING_FOR_A_LOCK) >= 1)
+            proxy.cut()
+            holder.commit()
+        archiving.join(30)
+    capsys.readouterr()
+    assert scalar(sessions, "SELECT count(*) FROM dead_letter_archive") == LETTERS
+    eventually(lambda: depth(rabbit) == LETTERS)  # unacknowledged: still dead letters
+
+    monkeypatch.setenv("BROKER_URL", env["BROKER_URL"])
+    assert main(["dead-letters", "archive"]) == 0
+    assert depth(rabbit) == 0
+    assert scalar(sessions, "SELECT count(*) FROM dead_letter_archive") == LETTERS
+
+
+WAITING_FOR_A_LOCK = (
+    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+)
