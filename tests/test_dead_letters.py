@@ -269,7 +269,7 @@ def test_a_dry_run_shows_what_would_move_and_changes_nothing(three_letters, payf
     code, out = payfleet("dead-letters", "requeue", "--all", "--dry-run")
     assert code == 0, out
     assert out.count("would requeue: ") == 3
-    assert "would requeue 3 message(s); would leave 0" in out
+    assert "would requeue 3 message(s), would leave 0" in out
     assert state_of(sessions, three_letters) == before
     assert {queue: depth(rabbit, queue) for queue in QUEUES} == {"payments": 1, "jobs": 1, "notifications": 1}
 
@@ -287,7 +287,7 @@ def test_a_requeue_really_runs_each_letter_again_once_the_cause_is_fixed(
 
     code, out = payfleet("dead-letters", "requeue", "--all")
     assert code == 0, out
-    assert "requeued 3 message(s)" in out and "leave 0" in out
+    assert "requeued 3 message(s), left 0" in out
 
     eventually(lambda: order(client, placed["order_id"])["status"] == "paid")
     eventually(lambda: state_of(sessions, three_letters) == ("processed", "succeeded", "sent"), timeout=20)
@@ -311,6 +311,18 @@ def test_requeue_by_id_and_filters_leaves_the_other_letters(
     assert (depth(rabbit, "payments"), depth(rabbit, "jobs"), depth(rabbit, "notifications")) == (1, 1, 0)
 
 
+def test_a_requeued_letter_gets_a_fresh_retry_budget(client, sessions, worker, rabbit, payfleet):
+    event_id = event_letter(client, sessions, rabbit)
+    attempts = "SELECT attempts FROM provider_events WHERE id = :id"
+    assert scalar(sessions, attempts, id=event_id) == 3
+    code, out = payfleet("dead-letters", "requeue", "--all")
+    assert code == 0 and "requeued 1 message(s)" in out
+    # The cause is not fixed: three more attempts, not one, then a dead letter again.
+    eventually(lambda: scalar(sessions, attempts, id=event_id) == 6 and depth(rabbit, "payments") == 1)
+    [letter] = dead_letters.list_dead(rabbit, ("payments",))
+    assert (letter.args, letter.retries) == ((event_id,), 2)
+
+
 def test_what_cannot_run_again_is_left_with_the_reason(client, sessions, worker, rabbit, payfleet):
     put_product(client, "GLOVE", on_hand=2)
     placed = checkout(client, ("GLOVE", 1)).json
@@ -325,7 +337,7 @@ def test_what_cannot_run_again_is_left_with_the_reason(client, sessions, worker,
 
     code, out = payfleet("dead-letters", "requeue", "--all", "--queue", "payments")
     assert code == 0, out
-    assert "requeue 0 message(s); leave 2" in out
+    assert "requeued 0 message(s), left 2" in out
     assert f"event {event_id} is processed" in out
     assert "not a Dramatiq message" in out
     assert depth(rabbit, "payments") == 2
@@ -346,7 +358,7 @@ def test_a_requeue_rabbitmq_does_not_confirm_leaves_the_letter_in_place(
     finally:
         _rabbitmqctl("clear_policy", "-p", vhost, "full-payments")
     assert code == 0, out
-    assert "requeue 0 message(s); leave 1" in out and "refused" in out
+    assert "requeued 0 message(s), left 1" in out and "refused" in out
     assert depth(rabbit, "payments") == 1
 
 

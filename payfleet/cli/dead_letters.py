@@ -75,8 +75,10 @@ def _filter(args: argparse.Namespace) -> dead_letters.LetterFilter:
 
 def _age(letter: Letter, now: datetime) -> str:
     age = letter.age(now)
-    if age is None:
-        return "?"
+    return "?" if age is None else _duration(age)
+
+
+def _duration(age: timedelta) -> str:
     seconds, parts = int(age.total_seconds()), []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -150,7 +152,9 @@ def dead_letters_summary(tools: Tools, args: argparse.Namespace) -> int:
 
 def _summary_text(summary: dict[str, Any]) -> str:
     oldest = summary["oldest_age_seconds"]
-    lines = [f"{summary['queue']}: {summary['count']} letter(s)" + (f", oldest {oldest}s" if oldest else "")]
+    lines = [f"{summary['queue']}: {summary['count']} letter(s)"]
+    if oldest is not None:
+        lines[0] += f", the oldest dead for {_duration(timedelta(seconds=oldest))}"
     lines += [f"  actor {actor}: {count}" for actor, count in summary["by_actor"].items()]
     lines += [f"  error {error}: {count}" for error, count in summary["by_error"].items()]
     return "\n".join(lines)
@@ -160,7 +164,8 @@ def dead_letters_requeue(tools: Tools, args: argparse.Namespace) -> int:
     if not args.all and not args.message_id:
         print("payfleet: name messages with --id, or pass --all (with filters to narrow it)", file=sys.stderr)
         return 2
-    kwargs: dict[str, Any] = {"dry_run": args.dry_run, "pace": _pace(args), "progress": _progress("requeued")}
+    progress = (lambda done, total: None) if args.dry_run else _progress("requeued")
+    kwargs: dict[str, Any] = {"dry_run": args.dry_run, "pace": _pace(args), "progress": progress}
     if args.archived:
         outcome = dead_letters.requeue_archived(
             tools.parameters, tools.sessions, tools.revive, _queues(args), _filter(args), **kwargs
@@ -170,14 +175,12 @@ def dead_letters_requeue(tools: Tools, args: argparse.Namespace) -> int:
             tools.parameters, tools.revive, _queues(args), _filter(args), explain=tools.explain, **kwargs
         )
     now = datetime.now(UTC)
-    would = "would " if args.dry_run else ""
+    moved, left = ("would requeue", "would leave") if args.dry_run else ("requeued", "left")
     for letter in outcome.moved:
-        print(f"{would}requeue: {_line(letter, now)}")
+        print(f"{moved}: {_line(letter, now)}")
     for letter, reason in outcome.left:
-        print(f"{would}leave: {_line(letter, now)}\n  because {reason}")
-    print(f"{would}requeue {len(outcome.moved)} message(s); {would}leave {len(outcome.left)}")
-    if not args.dry_run:
-        print(f"requeued {len(outcome.moved)} message(s)")
+        print(f"{left}: {_line(letter, now)}\n  because {reason}")
+    print(f"{moved} {len(outcome.moved)} message(s), {left} {len(outcome.left)}")
     return 0
 
 
