@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from payfleet import sandbox
-from payfleet.platform.config import Settings
+from payfleet.platform.config import Settings, child_environment
 from payfleet.platform.publishing import QUEUES
 
 
@@ -62,14 +61,18 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
     _migrate(settings, args)
     me = [sys.executable, "-m", "payfleet.cli"]
     children = []
+    env = None  # the children inherit this environment
     if sandbox.wanted(settings.stripe_api_key, settings.monetbil_service_key):
         print(sandbox.NOTICE, flush=True)
-        me = [*_with_sandbox(settings, args.bind), *me]
-        children.append(subprocess.Popen([*me, "sandbox", "--webhook-url", _local_url(args.bind)]))
+        env = child_environment(_sandbox_settings(settings, args.bind))
+        sandbox_command = [*me, "sandbox", "--webhook-url", _local_url(args.bind)]
+        children.append(subprocess.Popen(sandbox_command, env=env))
     children += [
-        subprocess.Popen([*me, "ingress", "--bind", args.bind]),
-        subprocess.Popen([*me, "worker", "--processes", str(args.processes), "--threads", str(args.threads)]),
-        subprocess.Popen([*me, "scheduler"]),
+        subprocess.Popen([*me, "ingress", "--bind", args.bind], env=env),
+        subprocess.Popen(
+            [*me, "worker", "--processes", str(args.processes), "--threads", str(args.threads)], env=env
+        ),
+        subprocess.Popen([*me, "scheduler"], env=env),
     ]
     stopping = False
 
@@ -84,15 +87,14 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
     return _stop_all(children)
 
 
-def _with_sandbox(settings: Settings, bind: str) -> list[str]:
-    """`env NAME=VALUE …`: the children inherit this environment plus the
-    sandbox's addresses, keys and this run's secrets (only the settings
-    module reads the environment, so `env` adds to it)."""
+def _sandbox_settings(settings: Settings, bind: str) -> dict[str, str]:
+    """What the children are told besides this environment: the sandbox's
+    addresses, keys and this run's webhook secrets."""
     extra = sandbox.environment(settings.sandbox_bind)
     if settings.public_base_url == Settings.public_base_url:
         # Monetbil's callbacks go to PUBLIC_BASE_URL: by default, this ingress.
         extra["PUBLIC_BASE_URL"] = _local_url(bind)
-    return [shutil.which("env") or "/usr/bin/env", *(f"{name}={value}" for name, value in extra.items())]
+    return extra
 
 
 def _local_url(bind: str) -> str:

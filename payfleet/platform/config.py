@@ -135,6 +135,13 @@ def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tu
     return delays or default
 
 
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment a child process of the fleet starts with: this
+    process's, plus `extra` (given to the child directly, never on a command
+    line where the process list would show a secret)."""
+    return {**os.environ, **extra}
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     base = Settings()
