@@ -59,9 +59,13 @@ class Match:
             met.append(f"currency {currency} in [{', '.join(self.currency)}]")
         if self.country is not None:
             met.append(f"country {country} in [{', '.join(self.country)}]")
-        if self.min_amount is not None or self.max_amount is not None:
-            low, high = self.min_amount or 0, "" if self.max_amount is None else self.max_amount
+        low, high = self.min_amount, self.max_amount
+        if low is not None and high is not None:
             met.append(f"amount {amount} in [{low}, {high}]")
+        elif low is not None:
+            met.append(f"amount {amount} at least {low}")
+        elif high is not None:
+            met.append(f"amount {amount} at most {high}")
         return ", ".join(met) or "matches every payment"
 
     def as_json(self) -> dict[str, Any]:
@@ -251,10 +255,12 @@ class Route:
     providers: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()
     steps: tuple[str, ...] = field(default=())
+    forced: bool = False  # the request named its provider
 
     @property
     def rule_label(self) -> str:
-        return self.rule or "default"
+        """The rule as metrics name it."""
+        return "forced" if self.forced else self.rule or "default"
 
     def as_json(self) -> dict[str, Any]:
         return {"providers": list(self.providers), "rule": self.rule, "steps": list(self.steps)}
@@ -326,7 +332,7 @@ def forced(provider: PaymentProvider, currency: str, country: str | None, amount
     refusal = provider.capabilities.refusal(currency, country, amount)
     if refusal is not None:
         raise InvalidRequest(f"{provider.name} {refusal}", provider=provider.name)
-    return Route(None, (provider.name,), (), (f"provider {provider.name} chosen by the request",))
+    return Route(None, (provider.name,), (), (f"provider {provider.name} chosen by the request",), True)
 
 
 # --- the payment's provider, attempt by attempt ---------------------------------

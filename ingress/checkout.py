@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from domain import carts, circuit, routing
 from domain.circuit import CircuitPolicy
-from domain.errors import DomainError, InvalidRequest, ProviderError
+from domain.errors import Conflict, DomainError, InvalidRequest, ProviderError
 from domain.gateways import PaymentProvider, ProviderFailure, StartedPayment, StartPayment
 from domain.models import Order, Payment
 from domain.order_bounds import OrderBounds
@@ -180,7 +180,10 @@ class Checkout:
         try:
             order, payment, route = self._place(command)
             attempt = _Attempt(self._sessions, self._router, order, payment, route)
-            started = attempt.run(auto=command.order.provider == AUTO)
+            try:
+                started = attempt.run(auto=command.order.provider == AUTO)
+            finally:
+                attempt.clean_up_unanswered()
         except DomainError as error:
             CHECKOUTS.labels(label, error.code).inc()
             raise
@@ -198,13 +201,6 @@ class Checkout:
         }
         if command.order.provider == AUTO:
             answer["routing"] = routing_answer(route, attempt.tried)
-        if attempt.unanswered:
-            # Cleaning up after a provider that did not answer is no reason
-            # to keep the customer waiting, and that provider may need a
-            # while to come back: a thread of its own does it.
-            threading.Thread(
-                target=attempt.abandon_unanswered, name="abandon-unanswered", daemon=True
-            ).start()
         resp.media = answer
 
     def _place(self, command: CheckoutCommand) -> tuple[Order, Payment, Route]:
@@ -269,7 +265,7 @@ class _Attempt:
     def run(self, *, auto: bool) -> StartedPayment:
         for position, name in enumerate(self._route.providers):
             if position and not self._switch_to(name):
-                break
+                raise Conflict(f"order {self._order.id} moved on while its payment was being started")
             started = self._ask(self._router.providers[name])
             if started is not None:
                 self._record_start(name, started, auto=auto)
@@ -315,7 +311,15 @@ class _Attempt:
             abandon_checkout(session, self._order.id, f"payment could not start: {detail}")
         raise ProviderError(detail, routing=routing_answer(self._route, self.tried))
 
-    def abandon_unanswered(self) -> None:
+    def clean_up_unanswered(self) -> None:
+        # Cleaning up after a provider that did not answer is no reason to
+        # keep the customer waiting, and that provider may need a while to
+        # come back: a thread of its own does it, whether or not another
+        # provider then started the payment.
+        if self.unanswered:
+            threading.Thread(target=self._abandon_unanswered, name="abandon-unanswered", daemon=True).start()
+
+    def _abandon_unanswered(self) -> None:
         """Make sure the providers that did not answer keep nothing open,
         trying again while they stay away. Past the last try, the weekly
         PaymentIntent sweep still cancels a Stripe intent left open (its

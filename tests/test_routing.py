@@ -74,7 +74,7 @@ def test_the_steps_say_why_each_rule_and_provider_was_passed_over():
 
     assert route.providers == ("monetbil",)
     assert route.steps == (
-        "rule 'cm-big' matched: currency XAF in [XAF], country CM in [CM], amount 150000 in [100000, ]",
+        "rule 'cm-big' matched: currency XAF in [XAF], country CM in [CM], amount 150000 at least 100000",
         "stripe skipped: circuit open until 2026-11-30T12:00:00+00:00",
         "providers in order: monetbil",
     )
@@ -82,7 +82,7 @@ def test_the_steps_say_why_each_rule_and_provider_was_passed_over():
         "rule 'cm-big' skipped: currency EUR not in [XAF]",
         "rule 'cm-mobile-money' skipped: currency EUR not in [XAF, XOF]",
         "rule 'xaf-elsewhere' skipped: currency EUR not in [XAF]",
-        "rule 'small' matched: amount 500 in [0, 999]",
+        "rule 'small' matched: amount 500 at most 999",
     )
 
 
@@ -328,7 +328,7 @@ def test_explain_answers_the_steps(client):
         "rule": "cm-mobile-money",
         "steps": [
             "rule 'cm-mobile-money' matched: currency XAF in [XAF, XOF], country CM in [CM],"
-            " amount 2500 in [0, 500000]",
+            " amount 2500 at most 500000",
             "providers in order: monetbil, stripe",
         ],
     }
@@ -343,3 +343,16 @@ def test_explain_refuses_bad_input(client, body):
     answer = client.simulate_post("/admin/routing/explain", json=body, headers=ADMIN)
 
     assert (answer.status_code, answer.json["error"]) == (400, "invalid_request"), answer.text
+
+
+def test_the_providers_route_shows_capabilities_health_and_circuits(client):
+    answer = client.simulate_get("/admin/routing/providers", headers=ADMIN)
+
+    assert answer.status_code == 200, answer.text
+    providers = {p["name"]: p for p in answer.json["providers"]}
+    assert set(providers) == {"stripe", "monetbil"}
+    assert {"XAF", "XOF", "EUR", "JPY"} <= set(providers["stripe"]["currencies"])
+    assert providers["monetbil"]["currencies"] == ["XAF", "XOF"]
+    assert "CM" in providers["monetbil"]["countries"] and providers["stripe"]["countries"] is None
+    assert {p["health"] for p in providers.values()} == {"ok"}
+    assert {p["circuit"]["open"] for p in providers.values()} == {False}
