@@ -242,6 +242,9 @@ class ProviderEvent(Base):
     received_at: Mapped[datetime] = _now()
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Ties the webhook to every attempt, log line and provider call it causes:
+    # the provider's request id where it sends one, else a fresh one.
+    trace_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Cart(Base):
@@ -311,6 +314,8 @@ class ScheduledRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     duration_ms: Mapped[int | None] = mapped_column(BigInteger)
+    # The run's own trace id, given when the run is created (slot or manual).
+    trace_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class ReviewRequest(Base):
@@ -335,6 +340,8 @@ class ReviewRequest(Base):
     # When a delivery claimed it (`sending`) just before calling the API.
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The trace id of the run that recorded the request.
+    trace_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class RoutingRuleSet(Base):
