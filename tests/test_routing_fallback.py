@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import requests
 from falcon import testing
 from prometheus_client import REGISTRY
 from sqlalchemy import text
@@ -279,3 +280,24 @@ def test_fifty_auto_checkouts_with_stripe_failing_half_the_time_never_oversell(
             assert answer["routing"]["tried"][0]["outcome"] == "server_error"
             assert intents[answer["order_id"]] == 0 and answer["order_id"] in widgets
     assert scalar(sessions, "SELECT count(*) FROM orders WHERE status = 'pending_payment'") == 30
+
+
+def test_the_live_ingress_counts_routing_decisions_on_metrics(ingress, fake_stripe, fake_monetbil):
+    """Under gunicorn (two workers, prometheus multiprocess mode): every
+    worker's decisions add up, and the circuit gauge is exposed."""
+    admin = {"Authorization": ADMIN["Authorization"]}
+    pagne = {"name": "Pagne", "price": 2500, "currency": "XAF", "on_hand": 20}
+    assert requests.put(f"{ingress}/admin/products/PAGNE", json=pagne, headers=admin).status_code == 201
+    assert requests.put(f"{ingress}/admin/routing", json={"rules": STRIPE_FIRST}, headers=admin).ok
+    fake_stripe.fail_next(2, 500, should_retry=False)
+    body = {"items": [{"sku": "PAGNE", "quantity": 1}], "currency": "XAF"}
+
+    answers = [requests.post(f"{ingress}/checkout", json=body, timeout=30) for _ in range(4)]
+
+    assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
+    metrics = requests.get(f"{ingress}/metrics", timeout=10).text
+    decisions = "payfleet_routing_decisions_total"
+    assert f'{decisions}{{outcome="server_error",provider="stripe",rule="cm"}} 2.0' in metrics
+    assert f'{decisions}{{outcome="started",provider="monetbil",rule="cm"}} 2.0' in metrics
+    assert f'{decisions}{{outcome="started",provider="stripe",rule="cm"}} 2.0' in metrics
+    assert 'payfleet_provider_circuit_open{provider="stripe"} 0.0' in metrics
