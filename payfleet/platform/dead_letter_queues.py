@@ -184,16 +184,24 @@ def recorded_errors(sessions: sessionmaker[Session], job_actors: frozenset[str])
     job's time limit, a refused number) carries none at all. The event, run
     or review request recorded the last failure itself."""
 
+    # Where each actor's row keeps its last failure: (error column, id column).
+    columns: dict[str, tuple[Any, Any]] = {
+        APPLY_EVENT: (ProviderEvent.last_error, ProviderEvent.id),
+        SEND_REVIEW_REQUEST: (ReviewRequest.last_error, ReviewRequest.id),
+    }
+    columns |= dict.fromkeys(job_actors, (ScheduledRun.error, ScheduledRun.id))
+
+    def recorded(session: Session, letter: DeadLetter) -> str | None:
+        error_column, id_column = columns[letter.actor]
+        lines = (session.scalar(select(error_column).where(id_column == _row_id(letter))) or "").strip()
+        return lines.splitlines()[-1] if lines else None
+
     def explain(letters: list[DeadLetter]) -> list[DeadLetter]:
-        wanted = [letter for letter in letters if not letter.error and _row_id(letter) is not None]
+        wanted = [x for x in letters if not x.error and x.actor in columns and _row_id(x) is not None]
         if not wanted:
             return letters
         with sessions() as session:
-            found = {
-                letter.message_id: error
-                for letter in wanted
-                if (error := _recorded_error(session, letter, job_actors))
-            }
+            found = {letter.message_id: error for letter in wanted if (error := recorded(session, letter))}
         return [
             dataclasses.replace(x, error=found[x.message_id]) if x.message_id in found else x for x in letters
         ]
@@ -204,20 +212,6 @@ def recorded_errors(sessions: sessionmaker[Session], job_actors: frozenset[str])
 def _row_id(letter: DeadLetter) -> int | None:
     first = letter.args[0] if letter.args else None
     return first if isinstance(first, int) and not isinstance(first, bool) else None
-
-
-def _recorded_error(session: Session, letter: DeadLetter, job_actors: frozenset[str]) -> str | None:
-    row_id = _row_id(letter)
-    if letter.actor == APPLY_EVENT:
-        error = session.scalar(select(ProviderEvent.last_error).where(ProviderEvent.id == row_id))
-    elif letter.actor == SEND_REVIEW_REQUEST:
-        error = session.scalar(select(ReviewRequest.last_error).where(ReviewRequest.id == row_id))
-    elif letter.actor in job_actors:
-        error = session.scalar(select(ScheduledRun.error).where(ScheduledRun.id == row_id))
-    else:
-        return None
-    lines = (error or "").strip().splitlines()
-    return lines[-1] if lines else None
 
 
 def job_actors(settings: Settings) -> frozenset[str]:
