@@ -453,6 +453,60 @@ def _event_paths() -> dict[str, Schema]:
                 ],
             )
         },
+        "/admin/events/{event_id}": {
+            "get": op(
+                "One stored event and the payment it was applied to",
+                {
+                    "200": _json(
+                        {"allOf": [ref("Event"), _object(payment_id=_nullable("string"))]}, "the event"
+                    ),
+                    "400": BAD_INPUT,
+                    "404": NOT_FOUND,
+                },
+                admin=True,
+                parameters=[_path("event_id", {"type": "integer"})],
+            )
+        },
+        "/admin/events/replay": {
+            "post": op(
+                "Reopen and publish again every event a filter selects (a status is required)",
+                {
+                    "200": _json(
+                        _object(
+                            ["count", "ids", "dry_run"],
+                            count={"type": "integer"},
+                            ids={"type": "array", "items": {"type": "integer"}},
+                            dry_run={"const": True},
+                        ),
+                        "dry_run: the ids that would be replayed; nothing changed",
+                    ),
+                    "202": _json(
+                        _object(
+                            ["count", "published"], count={"type": "integer"}, published={"type": "integer"}
+                        ),
+                        "reopened and published (the relay publishes what could not be)",
+                    ),
+                    "400": BAD_INPUT,
+                    "413": TOO_LARGE,
+                },
+                admin=True,
+                requestBody=_body(
+                    {
+                        "type": "object",
+                        "required": ["status"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "status": {"enum": ["failed", "unmatched", "ignored"]},
+                            "provider": {"type": "string"},
+                            "type": {"type": "string", "minLength": 1, "maxLength": 128},
+                            "since": {"type": "string", "format": "date-time"},
+                            "until": {"type": "string", "format": "date-time"},
+                            "dry_run": {"type": "boolean"},
+                        },
+                    }
+                ),
+            )
+        },
         "/admin/events/{event_id}/replay": {
             "post": op(
                 "Reopen an unmatched, failed or ignored event and publish it again",
