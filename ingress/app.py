@@ -25,6 +25,7 @@ from ingress.admin import AdminAuth, Events, Orders, Products, ReservationStats
 from ingress.carts import Carts
 from ingress.checkout import Checkout, Router
 from ingress.health import CountResponses, Healthz, Metrics, Readyz
+from ingress.openapi import OpenApi
 from ingress.webhooks import MonetbilWebhook, StripeWebhook
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, load_settings
@@ -89,6 +90,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     )
     app.add_route("/readyz", readyz)
     app.add_route("/metrics", Metrics(s.prometheus_multiproc_dir))
+    app.add_route("/openapi.json", OpenApi())
     return app
 
 
