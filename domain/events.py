@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeAlias, cast
 
@@ -42,6 +43,19 @@ class EventFacts:
     event_type: str
     provider_payment_id: str | None
     payload: dict[str, Any]
+    # The provider's request id where it sends one (stripe_event_facts), else
+    # a fresh one: it follows the event into every attempt and provider call.
+    trace_id: str = dataclass_field(default_factory=lambda: new_trace_id())
+
+
+def new_trace_id() -> str:
+    """A trace id of payfleet's own, where no provider gave one."""
+    return uuid.uuid4().hex
+
+
+# The widest trace id kept (provider_events.trace_id); a provider's longer
+# request id is not taken as the trace.
+TRACE_ID_MAX = 64
 
 
 # Every webhook runs these two: Core statements built once, executed on the
@@ -58,11 +72,12 @@ _FIND = select(_EVENTS.c.id).where(
 # Many events in one statement, their fields as arrays (see domain.bulk).
 _RECORD_MANY = text(
     "INSERT INTO provider_events"
-    " (provider, event_key, event_type, provider_payment_id, payload, status, attempts)"
-    " SELECT provider, event_key, event_type, payment_id, CAST(payload AS jsonb), 'received', 0"
+    " (provider, event_key, event_type, provider_payment_id, payload, status, attempts, trace_id)"
+    " SELECT provider, event_key, event_type, payment_id, CAST(payload AS jsonb), 'received', 0, trace_id"
     " FROM unnest(CAST(:providers AS varchar[]), CAST(:event_keys AS varchar[]),"
-    " CAST(:event_types AS varchar[]), CAST(:payment_ids AS varchar[]), CAST(:payloads AS text[]))"
-    " AS event (provider, event_key, event_type, payment_id, payload)"
+    " CAST(:event_types AS varchar[]), CAST(:payment_ids AS varchar[]), CAST(:payloads AS text[]),"
+    " CAST(:trace_ids AS varchar[]))"
+    " AS event (provider, event_key, event_type, payment_id, payload, trace_id)"
     # One insertion order for every batch: two batches committing side by
     # side with the same keys then wait on each other, never in a cycle.
     " ORDER BY provider, event_key"
@@ -110,6 +125,7 @@ def record_event(db: Session | Connection, facts: EventFacts) -> tuple[int, bool
         "payload": facts.payload,
         "status": "received",
         "attempts": 0,
+        "trace_id": facts.trace_id,
     }
     inserted = connection.execute(_RECORD, row).scalar()
     if inserted is not None:
@@ -131,6 +147,7 @@ def record_events(db: Session | Connection, batch: Sequence[EventFacts]) -> list
         "event_types": [facts.event_type for facts in batch],
         "payment_ids": [facts.provider_payment_id for facts in batch],
         "payloads": [json.dumps(facts.payload) for facts in batch],
+        "trace_ids": [facts.trace_id for facts in batch],
     }
     inserted = {(row.provider, row.event_key): row.id for row in connection.execute(_RECORD_MANY, rows)}
     known = dict(inserted)
@@ -166,7 +183,19 @@ def stripe_event_facts(event: Any) -> EventFacts:
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
         raise InvalidRequest("event needs data.object")
     intent = _intent_id(data["object"])
-    return EventFacts("stripe", event_id, event_type, intent if isinstance(intent, str) else None, event)
+    payment_id = intent if isinstance(intent, str) else None
+    trace_id = _request_id(event.get("request")) or new_trace_id()
+    return EventFacts("stripe", event_id, event_type, payment_id, event, trace_id)
+
+
+def _request_id(request: Any) -> str | None:
+    """The id of the API request that caused a Stripe event (`req_…`): an
+    object's `id` (a string before API version 2017-05-25); null for events
+    no request caused (a payment completing on its own)."""
+    found = request.get("id") if isinstance(request, dict) else request
+    if isinstance(found, str) and 0 < len(found) <= TRACE_ID_MAX and found.isprintable():
+        return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -600,22 +629,24 @@ def _payment_known(session: Session, event: ProviderEvent) -> bool:
         return True  # nothing to match: a failure of its own, not a missing payment
 
 
-def lock_unpublished(session: Session, *, grace: timedelta, stuck_after: timedelta, limit: int) -> list[int]:
+def lock_unpublished(
+    session: Session, *, grace: timedelta, stuck_after: timedelta, limit: int
+) -> dict[int, str | None]:
     """Events the relay must (re)publish, locked so two schedulers split them:
     never published and older than `grace` (the ingress that stored them is
     not about to publish them itself), or published so long ago and still
-    unprocessed that their message must have been lost."""
+    unprocessed that their message must have been lost. {id: trace id}, by id."""
     now = datetime.now(UTC)
     never = (ProviderEvent.published_at.is_(None)) & (ProviderEvent.received_at < now - grace)
     lost = ProviderEvent.published_at < now - stuck_after
     query = (
-        select(ProviderEvent.id)
+        select(ProviderEvent.id, ProviderEvent.trace_id)
         .where(ProviderEvent.status == "received", never | lost)
         .order_by(ProviderEvent.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return list(session.scalars(query))
+    return {event_id: trace_id for event_id, trace_id in session.execute(query)}
 
 
 REPLAYABLE = ("unmatched", "failed", "ignored")
@@ -701,8 +732,9 @@ def replay_selection(session: Session, chosen: ReplayFilter) -> list[int]:
     return list(session.scalars(query))
 
 
-def reopen_many(session: Session, event_ids: Sequence[int]) -> list[int]:
-    """reopen for many events at once; returns those reopened. An event
+def reopen_many(session: Session, event_ids: Sequence[int]) -> dict[int, str | None]:
+    """reopen for many events at once; returns those reopened, {id: trace
+    id} by id. An event
     settled otherwise meanwhile (processed) is left out, never reopened. The
     rows are locked in id order, as the worker's batches lock them."""
     locked = (
@@ -716,6 +748,6 @@ def reopen_many(session: Session, event_ids: Sequence[int]) -> list[int]:
         update(_EVENTS)
         .where(_EVENTS.c.id.in_(locked))
         .values(status="received", processed_at=None, published_at=None)
-        .returning(_EVENTS.c.id)
+        .returning(_EVENTS.c.id, _EVENTS.c.trace_id)
     )
-    return sorted(reopened.scalars())
+    return dict(sorted(((row.id, row.trace_id) for row in reopened), key=lambda pair: pair[0]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +29,29 @@ class ProviderFailure(ProviderError):
     @property
     def unanswered(self) -> bool:
         return self.outcome in ("timeout", "unreachable")
+
+
+# Every provider call names the trace id of the work it is made for (an
+# event's, a job run's) in this header, so the provider's request logs (and
+# the tests' fakes) tie it to payfleet's log lines. Bound per thread of work
+# by the process that does the work (workers.main), like the log context.
+TRACE_HEADER = "X-Payfleet-Trace-Id"
+_calls_trace: ContextVar[str | None] = ContextVar("payfleet_calls_trace", default=None)
+
+
+def trace_calls(trace_id: str | None) -> Token[str | None]:
+    """Provider calls made from here on (in this context) carry `trace_id`;
+    give the token to `untrace_calls` when the work is done."""
+    return _calls_trace.set(trace_id)
+
+
+def untrace_calls(token: Token[str | None]) -> None:
+    _calls_trace.reset(token)
+
+
+def trace_headers() -> dict[str, str]:
+    trace_id = _calls_trace.get()
+    return {TRACE_HEADER: trace_id} if trace_id else {}
 
 
 def _outcome_of_status(status: int | None) -> str:
@@ -99,19 +123,21 @@ class StripeApiGateway:
         return self._call(
             lambda: self._client.v1.payment_intents.create(
                 params=params,  # type: ignore[arg-type]
-                options={"idempotency_key": idempotency_key},
+                options=_stripe_options(idempotency_key),
             )
         )
 
     def retrieve_payment_intent(self, intent_id: str) -> PaymentIntent:
-        return self._call(lambda: self._client.v1.payment_intents.retrieve(intent_id))
+        return self._call(
+            lambda: self._client.v1.payment_intents.retrieve(intent_id, options=_stripe_options())
+        )
 
     def cancel_payment_intent(self, intent_id: str, *, reason: str, idempotency_key: str) -> PaymentIntent:
         return self._call(
             lambda: self._client.v1.payment_intents.cancel(
                 intent_id,
                 params={"cancellation_reason": reason},
-                options={"idempotency_key": idempotency_key},
+                options=_stripe_options(idempotency_key),
             )
         )
 
@@ -129,7 +155,10 @@ class StripeApiGateway:
         if not self._configured:
             raise ProviderFailure("Stripe is not configured (STRIPE_API_KEY is empty)", "unconfigured")
         try:
-            for intent in self._client.v1.payment_intents.list(params=params).auto_paging_iter():  # type: ignore[arg-type]
+            # The first page's request carries the trace header; the library
+            # fetches later pages without the call's options.
+            pages = self._client.v1.payment_intents.list(params=params, options=_stripe_options())  # type: ignore[arg-type]
+            for intent in pages.auto_paging_iter():
                 yield PaymentIntent(
                     id=intent.id,
                     status=intent.status,
@@ -166,6 +195,14 @@ class StripeApiGateway:
         return ProviderFailure(
             self._secrets.scrub(f"Stripe {_stripe_failure(error)}"), outcome, provider_code=error.code
         )
+
+
+def _stripe_options(idempotency_key: str | None = None) -> stripe.RequestOptions:
+    """A call's options: its idempotency key and the trace header."""
+    options: stripe.RequestOptions = {"headers": trace_headers()}
+    if idempotency_key is not None:
+        options["idempotency_key"] = idempotency_key
+    return options
 
 
 def _stripe_failure(error: stripe.StripeError) -> str:
@@ -281,7 +318,9 @@ class MonetbilApiGateway:
                 "Monetbil is not configured (MONETBIL_SERVICE_KEY is empty)", "unconfigured"
             )
         try:
-            response = self._http.post(f"{self._base}{path}", data=form, timeout=self._timeout)
+            response = self._http.post(
+                f"{self._base}{path}", data=form, headers=trace_headers(), timeout=self._timeout
+            )
         except requests.RequestException as error:
             raise self._failure(action, _network_failure(error), _network_outcome(error)) from None
         if response.status_code >= 400:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import uuid4
 
 from sqlalchemy import Integer, cast, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -32,14 +33,33 @@ class StartedRun:
     slot: datetime | None
     trigger: str
     attempts: int
+    trace_id: str | None = None
 
 
-def claim(session: Session, job: str, slot: datetime, state: str, error: str | None = None) -> int | None:
+def claim(
+    session: Session,
+    job: str,
+    slot: datetime,
+    state: str,
+    error: str | None = None,
+    *,
+    trace_id: str | None = None,
+) -> int | None:
     """Insert the slot's row; returns its id, or None if another replica
-    (or an earlier tick) already holds the slot."""
+    (or an earlier tick) already holds the slot. The run's trace id is
+    `trace_id`, or a fresh one."""
     return session.execute(
         insert(ScheduledRun)
-        .values(job=job, slot=slot, trigger="scheduled", state=state, counts={}, attempts=0, error=error)
+        .values(
+            job=job,
+            slot=slot,
+            trigger="scheduled",
+            state=state,
+            counts={},
+            attempts=0,
+            error=error,
+            trace_id=trace_id or uuid4().hex,
+        )
         .on_conflict_do_nothing(index_elements=["job", "slot"])
         .returning(ScheduledRun.id)
     ).scalar()
@@ -79,8 +99,17 @@ def last_slot(session: Session, job: str) -> datetime | None:
     return session.scalar(select(func.max(ScheduledRun.slot)).where(ScheduledRun.job == job))
 
 
-def create_manual(session: Session, job: str) -> int:
-    run = ScheduledRun(job=job, slot=None, trigger="manual", state="queued", counts={}, attempts=0)
+def create_manual(session: Session, job: str, *, trace_id: str | None = None) -> int:
+    """A manual run; its trace id is `trace_id`, or a fresh one."""
+    run = ScheduledRun(
+        job=job,
+        slot=None,
+        trigger="manual",
+        state="queued",
+        counts={},
+        attempts=0,
+        trace_id=trace_id or uuid4().hex,
+    )
     session.add(run)
     session.flush()
     return run.id
@@ -122,13 +151,15 @@ def supersede_unpublished(session: Session) -> int:
     return len(superseded)
 
 
-def lock_unpublished(session: Session, *, grace: timedelta, limit: int = 100) -> list[tuple[int, str]]:
+def lock_unpublished(
+    session: Session, *, grace: timedelta, limit: int = 100
+) -> list[tuple[int, str, str | None]]:
     """Queued runs whose publish never happened (the claimer died between
     commit and publish, or RabbitMQ was down), older than `grace`, locked so
     two schedulers split them. Call supersede_unpublished first: only each
-    job's newest slot is left to publish."""
+    job's newest slot is left to publish. (id, job, trace id) each."""
     query = (
-        select(ScheduledRun.id, ScheduledRun.job)
+        select(ScheduledRun.id, ScheduledRun.job, ScheduledRun.trace_id)
         .where(
             ScheduledRun.state == "queued",
             ScheduledRun.published_at.is_(None),
@@ -138,7 +169,7 @@ def lock_unpublished(session: Session, *, grace: timedelta, limit: int = 100) ->
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return [(run_id, job) for run_id, job in session.execute(query).all()]
+    return [(run_id, job, trace_id) for run_id, job, trace_id in session.execute(query).all()]
 
 
 def lock_state(session: Session, run_id: int) -> tuple[str, str] | None:
@@ -160,7 +191,7 @@ def begin(session: Session, run_id: int) -> StartedRun | None:
     run.state = "running"
     run.started_at = datetime.now(UTC)
     run.attempts += 1
-    return StartedRun(run.id, run.job, run.slot, run.trigger, run.attempts)
+    return StartedRun(run.id, run.job, run.slot, run.trigger, run.attempts, run.trace_id)
 
 
 def skip_if_queued(session: Session, run_id: int, note: str) -> bool:
@@ -224,6 +255,7 @@ def view(run: ScheduledRun) -> dict[str, Any]:
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
         "duration_seconds": run.duration_ms / 1000 if run.duration_ms is not None else None,
+        "trace_id": run.trace_id,
     }
 
 

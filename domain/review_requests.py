@@ -27,13 +27,18 @@ REVIEW_UNTIL = timedelta(days=14)
 
 
 def request_reviews(
-    session: Session, reference: datetime, run_id: int | None, *, limit: int = 500
+    session: Session,
+    reference: datetime,
+    run_id: int | None,
+    *,
+    limit: int = 500,
+    trace_id: str | None = None,
 ) -> tuple[Counter[str], list[int]]:
     """Records one review request for up to `limit` orders completed at
     least 7 (and less than 14) days before `reference` that have none. The
     unique order_id makes this once per order, ever: a later run, or a
     racing replica, inserts nothing. Returns the counts and the ids of the
-    requests to send."""
+    requests to send. The requests keep the run's `trace_id`."""
     query = (
         select(Order.id)
         .where(
@@ -46,11 +51,11 @@ def request_reviews(
         .limit(limit)
     )
     rows = list(session.scalars(query))
-    return _insert_requests(session, rows, run_id)
+    return _insert_requests(session, rows, run_id, trace_id)
 
 
 def _insert_requests(
-    session: Session, order_ids: list[uuid.UUID], run_id: int | None
+    session: Session, order_ids: list[uuid.UUID], run_id: int | None, trace_id: str | None
 ) -> tuple[Counter[str], list[int]]:
     counts: Counter[str] = Counter()
     to_send: list[int] = []
@@ -59,7 +64,9 @@ def _insert_requests(
         status = "pending" if phone else "skipped"
         inserted = session.execute(
             insert(ReviewRequest)
-            .values(order_id=order.id, run_id=run_id, phone=phone, status=status, attempts=0)
+            .values(
+                order_id=order.id, run_id=run_id, phone=phone, status=status, attempts=0, trace_id=trace_id
+            )
             .on_conflict_do_nothing(index_elements=["order_id"])
             .returning(ReviewRequest.id)
         ).scalar()
@@ -73,10 +80,13 @@ def _insert_requests(
     return counts, to_send
 
 
-def unsent_review_requests(session: Session, older_than: datetime, *, limit: int = 500) -> list[int]:
-    """Pending requests whose message may have been lost (never attempted)."""
+def unsent_review_requests(
+    session: Session, older_than: datetime, *, limit: int = 500
+) -> dict[int, str | None]:
+    """Pending requests whose message may have been lost (never attempted):
+    {id: the trace id of the run that recorded it}."""
     query = (
-        select(ReviewRequest.id)
+        select(ReviewRequest.id, ReviewRequest.trace_id)
         .where(
             ReviewRequest.status == "pending",
             ReviewRequest.attempts == 0,
@@ -85,7 +95,7 @@ def unsent_review_requests(session: Session, older_than: datetime, *, limit: int
         .order_by(ReviewRequest.id)
         .limit(limit)
     )
-    return list(session.scalars(query))
+    return {request_id: trace_id for request_id, trace_id in session.execute(query)}
 
 
 def review_message(order: Order) -> str:

@@ -8,6 +8,7 @@ from prometheus_client import Counter
 from domain.events import monetbil_event_facts, stripe_event_facts
 from ingress import monetbil_signature, stripe_signature
 from ingress.parsing import parse_form, parse_json, read_body
+from payfleet.platform import logs
 from payfleet.platform.outbox import EventInbox
 
 WEBHOOKS = Counter("payfleet_webhooks_total", "Provider webhooks answered", ["provider", "outcome"])
@@ -20,7 +21,10 @@ class StripeWebhook:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         payload = read_body(req, self._max_body)
         stripe_signature.verify(payload, req.get_header("Stripe-Signature"), self._secrets, self._tolerance)
-        duplicate = self._inbox.accept(stripe_event_facts(parse_json(payload)))
+        facts = stripe_event_facts(parse_json(payload))
+        # The lines logged while storing it carry the trace its worker's will.
+        with logs.log_context(trace_id=facts.trace_id):
+            duplicate = self._inbox.accept(facts)
         WEBHOOKS.labels("stripe", "duplicate" if duplicate else "stored").inc()
         resp.media = {"received": True, "duplicate": duplicate}
 
@@ -34,7 +38,9 @@ class MonetbilWebhook:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         fields = parse_form(read_body(req, self._max_body))
         monetbil_signature.verify(fields, self._secret)
-        duplicate = self._inbox.accept(monetbil_event_facts(fields))
+        facts = monetbil_event_facts(fields)
+        with logs.log_context(trace_id=facts.trace_id):
+            duplicate = self._inbox.accept(facts)
         WEBHOOKS.labels("monetbil", "duplicate" if duplicate else "stored").inc()
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = "received"

@@ -19,6 +19,7 @@ from prometheus_client import Counter
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
+from domain.events import new_trace_id
 from domain.job_table import Job, JobTable
 from payfleet.platform.config import Settings, job_table
 from payfleet.platform.publishing import Publisher, run_message
@@ -66,7 +67,7 @@ class SlotClaimer:
         published = self._publish(claimed)
         return published + self.republish()
 
-    def _claim(self, job: Job, now: datetime) -> tuple[int, str] | None:
+    def _claim(self, job: Job, now: datetime) -> tuple[int, str, str] | None:
         schedule = job.schedule(self._table.tz)
         slot = self._latest(job, now)
         if slot is None or self._seen.get(job.name) == slot:
@@ -81,7 +82,8 @@ class SlotClaimer:
             note = (
                 None if state == "queued" else f"found {late} late, past the {job.catch_up} catch-up window"
             )
-            run_id = job_runs.claim(session, job.name, slot, state, note)
+            trace_id = new_trace_id()
+            run_id = job_runs.claim(session, job.name, slot, state, note, trace_id=trace_id)
             if run_id is None:
                 self._seen[job.name] = slot
                 return None  # another replica holds this slot
@@ -93,7 +95,7 @@ class SlotClaimer:
         self._seen[job.name] = slot
         CLAIMED.labels(job.name, state).inc()
         log.info("job %s slot %s claimed as run %s (%s)", job.name, slot.isoformat(), run_id, state)
-        return (run_id, job.actor) if state == "queued" else None
+        return (run_id, job.actor, trace_id) if state == "queued" else None
 
     def _latest(self, job: Job, now: datetime) -> datetime | None:
         known = self._current.get(job.name)
@@ -105,10 +107,11 @@ class SlotClaimer:
             self._current[job.name] = (slot, schedule.next(slot))
         return slot
 
-    def _publish(self, claimed: list[tuple[int, str]]) -> list[int]:
+    def _publish(self, claimed: list[tuple[int, str, str]]) -> list[int]:
         if not claimed:
             return []
-        sent = self._sender.send([(run_id, run_message(actor, run_id)) for run_id, actor in claimed])
+        messages = [(run_id, run_message(actor, run_id, trace_id)) for run_id, actor, trace_id in claimed]
+        sent = self._sender.send(messages)
         if sent:
             with self._sessions.begin() as session:
                 job_runs.mark_published(session, sent)
@@ -123,8 +126,8 @@ class SlotClaimer:
                 log.info("%d unpublished job run(s) superseded by a later slot of their job", superseded)
             waiting = job_runs.lock_unpublished(session, grace=self._republish_after)
             messages = [
-                (run_id, run_message(job.actor, run_id))
-                for run_id, name in waiting
+                (run_id, run_message(job.actor, run_id, trace_id))
+                for run_id, name, trace_id in waiting
                 if (job := self._table.get(name)) is not None
             ]
             sent = self._sender.send(messages) if messages else []

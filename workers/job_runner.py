@@ -11,16 +11,18 @@ records the outcome. A message for a finished run does nothing.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property, partial
-from typing import Any
+from typing import Any, TypeVar
 
 import dramatiq
 from dramatiq import Broker
@@ -29,7 +31,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain import carts, expire_orders, job_runs, payment_intent_sweep, review_requests, stock
+from domain import carts, expire_orders, gateways, job_runs, payment_intent_sweep, review_requests, stock
 from domain.errors import ProviderError
 from domain.expire_orders import PaymentChecker, StaleOrder, StripeIntents, Verdict
 from domain.gateways import MonetbilApiGateway, PaymentIntent, StripeApiGateway
@@ -37,7 +39,7 @@ from domain.job_runs import StartedRun
 from domain.job_table import JobTable
 from domain.messaging import WhatsAppApiGateway, WhatsAppGateway
 from domain.throttle import RateLimiter, ThrottledRequestsClient
-from payfleet.platform import dead_letter_queues
+from payfleet.platform import dead_letter_queues, logs
 from payfleet.platform.config import Settings, job_table
 from payfleet.platform.publishing import (
     JOBS_QUEUE,
@@ -95,6 +97,17 @@ class JobContext:
         the gateway's own rate limit)."""
         return ThreadPoolExecutor(self.settings.provider_concurrency, thread_name_prefix="provider-call")
 
+    def beside(self, work: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """`work` on each item on the provider-call threads, each call in a
+        copy of the caller's context: its log lines and provider calls carry
+        the run's trace id (a pool thread has a context of its own)."""
+        context = contextvars.copy_context()
+        return self.provider_calls.map(lambda item: context.copy().run(work, item), items)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 Work = Callable[[JobContext, StartedRun, Counter[str]], None]
 
@@ -115,7 +128,7 @@ def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -
         listed = expire_orders.listed_intents(c.gateways.stripe, batch)
         counts["listed"] += len(listed)
         expire = partial(_expire_one, c, run.id, attention_after, listed)
-        for found in c.provider_calls.map(expire, batch):
+        for found in c.beside(expire, batch):
             counts.update(found)
         if len(batch) < EXPIRE_BATCH:
             return
@@ -192,7 +205,7 @@ def _cleanup_stale_payment_intents(c: JobContext, run: StartedRun, counts: Count
         if known:
             counts["listed_known"] += len(known)
         orphans = [intent for intent in batch_of if intent.id not in known]
-        for found in c.provider_calls.map(partial(_handle_orphan, c, run.id), orphans):
+        for found in c.beside(partial(_handle_orphan, c, run.id), orphans):
             counts.update(found)
         _sweep(
             c, run.id, now, [(known[intent.id], intent) for intent in batch_of if intent.id in known], counts
@@ -205,7 +218,7 @@ SweepItem = tuple[payment_intent_sweep.OpenPayment, PaymentIntent | None]
 
 
 def _sweep(c: JobContext, run_id: int, now: datetime, items: list[SweepItem], counts: Counter[str]) -> None:
-    answers = c.provider_calls.map(partial(_ask_stripe, c, run_id, now), items)
+    answers = c.beside(partial(_ask_stripe, c, run_id, now), items)
     for (payment, _), answer in zip(items, answers, strict=True):
         if isinstance(answer, ProviderError):
             log.warning("payment %s not synced: %s", payment.payment_id, answer.detail)
@@ -274,9 +287,11 @@ def _request_reviews(c: JobContext, run: StartedRun, counts: Counter[str]) -> No
     reference = run.slot or c.clock()
     while True:
         with c.sessions.begin() as session:
-            batch, to_send = review_requests.request_reviews(session, reference, run.id)
+            batch, to_send = review_requests.request_reviews(
+                session, reference, run.id, trace_id=run.trace_id
+            )
         counts.update(batch)
-        counts["published"] += _publish_requests(c, to_send)
+        counts["published"] += _publish_requests(c, dict.fromkeys(to_send, run.trace_id))
         if not to_send and not batch:
             break
     # Requests recorded by an earlier run whose message never left.
@@ -290,8 +305,9 @@ def _request_reviews(c: JobContext, run: StartedRun, counts: Counter[str]) -> No
         counts[review_requests.OUTCOME_UNKNOWN] += unknown
 
 
-def _publish_requests(c: JobContext, request_ids: list[int]) -> int:
-    return len(c.sender.send([(rid, review_request_message(rid)) for rid in request_ids]))
+def _publish_requests(c: JobContext, requests: dict[int, str | None]) -> int:
+    """{request id: trace id}: each send carries the trace of the run that recorded it."""
+    return len(c.sender.send([(rid, review_request_message(rid, trace)) for rid, trace in requests.items()]))
 
 
 def _release_expired_reservations(c: JobContext, run: StartedRun, counts: Counter[str]) -> None:
@@ -337,7 +353,8 @@ class JobRunner:
             if not isinstance(started, StartedRun):
                 return started
             try:
-                return self._run(started)
+                with _traced(started.trace_id):
+                    return self._run(started)
             finally:
                 lock.execute(
                     text("SELECT pg_advisory_unlock(hashtext('payfleet-job'), hashtext(:job))"),
@@ -394,6 +411,22 @@ class JobRunner:
         log.info(
             "job %s run %s %s in %.2fs: %s", run.job, run.id, state, time.monotonic() - started, dict(counts)
         )
+
+
+@contextmanager
+def _traced(trace_id: str | None) -> Iterator[None]:
+    """The run's own trace id on its log lines and provider calls, read from
+    its row: a message published without it (or a run executed in place)
+    is traced all the same."""
+    if trace_id is None:  # a run recorded before runs had trace ids
+        yield
+        return
+    calls = gateways.trace_calls(trace_id)
+    try:
+        with logs.log_context(trace_id=trace_id):
+            yield
+    finally:
+        gateways.untrace_calls(calls)
 
 
 def _try_lock(connection: Connection, job: str) -> bool:

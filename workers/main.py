@@ -11,12 +11,13 @@ import dramatiq
 from dramatiq import Broker, Middleware
 from dramatiq.broker import MessageProxy
 
+from domain import gateways
 from domain.job_table import JOBS
 from payfleet.platform import logs
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
 from payfleet.platform.db import engine_for, make_sessions
-from payfleet.platform.publishing import APPLY_EVENT
+from payfleet.platform.publishing import APPLY_EVENT, TRACE_ID
 from workers.apply_events import declare_event_actors
 from workers.job_runner import declare_job_actors, job_gateways
 from workers.metrics import WorkerMetrics
@@ -25,21 +26,28 @@ from workers.metrics import WorkerMetrics
 class LogContext(Middleware):
     """Every line logged while a message is handled names what the message
     names: the event of `apply_event` (and of its give-up callback), the run
-    and job of a job actor. Hooks run on the worker thread that handles the
-    message, so the context is that thread's alone."""
+    and job of a job actor, and the trace id its options carry (the provider
+    calls it makes carry that too). Hooks run on the worker thread that
+    handles the message, so the context is that thread's alone."""
 
     def __init__(self) -> None:
         self._jobs = {job.actor: job.name for job in JOBS}
         self._bound = threading.local()
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        self._bound.token = logs.bind(**self._fields(message.actor_name, message.args))
+        trace_id = _trace_id(message.actor_name, message.args, message.options)
+        self._bound.calls = gateways.trace_calls(trace_id)
+        self._bound.token = logs.bind(trace_id=trace_id, **self._fields(message.actor_name, message.args))
 
     def after_process_message(self, broker: Broker, message: MessageProxy, **_: Any) -> None:
         token = getattr(self._bound, "token", None)
         if token is not None:
             self._bound.token = None
             logs.unbind(token)
+        calls = getattr(self._bound, "calls", None)
+        if calls is not None:
+            self._bound.calls = None
+            gateways.untrace_calls(calls)
 
     after_skip_message = after_process_message
 
@@ -51,6 +59,14 @@ class LogContext(Middleware):
         if actor in self._jobs and args:
             return {"run_id": args[0], "job": self._jobs[actor]}
         return {}
+
+
+def _trace_id(actor: str, args: tuple[Any, ...], options: dict[str, Any]) -> str | None:
+    """A message's trace id; a give-up callback's is its failed message's."""
+    if actor.startswith("give_up_") and args and isinstance(args[0], dict):
+        options = args[0].get("options") or {}
+    found = options.get(TRACE_ID)
+    return found if isinstance(found, str) else None
 
 
 settings = load_settings()

@@ -18,7 +18,15 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
-from domain.events import EventFacts, mark_published, record_event, record_events, reopen, reopen_many
+from domain.events import (
+    EventFacts,
+    mark_published,
+    new_trace_id,
+    record_event,
+    record_events,
+    reopen,
+    reopen_many,
+)
 from domain.job_table import JobTable
 from payfleet.platform.group_commit import GroupCommit
 from payfleet.platform.publishing import Publisher, run_message
@@ -51,13 +59,14 @@ class Outbound:
     def __init__(self, sessions: sessionmaker[Session], publisher: Publisher) -> None:
         self._sessions = sessions
         self._publisher = publisher
-        self._waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # (event id, trace id): the message carries the event's trace id.
+        self._waiting: queue.SimpleQueue[tuple[int, str | None]] = queue.SimpleQueue()
         self._confirmed: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def add(self, event_id: int) -> None:
-        self._waiting.put(event_id)
+    def add(self, event_id: int, trace_id: str | None = None) -> None:
+        self._waiting.put((event_id, trace_id))
         with self._lock:
             # Started on first use: in a gunicorn worker, after the fork.
             if not self._threads:
@@ -71,21 +80,23 @@ class Outbound:
 
     def _run(self) -> None:
         while True:
-            ids = [self._waiting.get()]
+            first, trace_id = self._waiting.get()
+            ids = {first: trace_id}
             # A moment for company: a transaction of many costs about what
             # one of one does, and nothing waits for this but the worker.
             time.sleep(self.GATHER)
             while len(ids) < self.SLICE:
                 try:
-                    ids.append(self._waiting.get_nowait())
+                    event_id, trace_id = self._waiting.get_nowait()
                 except queue.Empty:
                     break
+                ids[event_id] = trace_id
             # Any error: this thread must live on, or every later event would
             # be left to the relay.
             try:
                 confirmed = self._publisher.send_events(ids, background=True)
             except Exception as error:
-                log.warning("publishing events %s failed (the relay will publish them): %s", ids, error)
+                log.warning("publishing events %s failed (the relay will publish them): %s", list(ids), error)
                 continue
             for event_id in confirmed:
                 self._confirmed.put(event_id)
@@ -147,7 +158,15 @@ class EventInbox:
             with self._engine.begin() as connection:
                 event_id, duplicate = record_event(connection, facts)
         if not duplicate:
-            self._outbound.add(event_id)
+            self._outbound.add(event_id, facts.trace_id)
+        log.info(
+            "%s event %s %s as event %s",
+            facts.provider,
+            facts.event_key,
+            "was a duplicate of" if duplicate else "stored",
+            event_id,
+            extra={"event_id": event_id},
+        )
         return duplicate
 
     def _store(self, batch: Sequence[EventFacts]) -> list[tuple[int, bool]]:
@@ -158,8 +177,8 @@ class EventInbox:
         """Reopen an unmatched, failed or ignored event and publish it again;
         returns whether RabbitMQ confirmed (if not, the relay will)."""
         with self._sessions.begin() as session:
-            reopen(session, event_id)
-        if not self._publisher.send_events([event_id]):
+            trace_id = reopen(session, event_id).trace_id
+        if not self._publisher.send_events({event_id: trace_id}):
             return False
         # An operator's replay marks at once: the command may exit next.
         with self._sessions.begin() as session:
@@ -187,7 +206,7 @@ class EventInbox:
             if sent:
                 with self._sessions.begin() as session:
                     mark_published(session, sent)
-            reopened += opened
+            reopened += list(opened)
             published += sent
             progress(min(start + slice_size, len(ids)), len(ids))
         return reopened, published
@@ -201,9 +220,10 @@ def start_manual_run(
     job = table.get(name)
     if job is None:
         raise KeyError(name)
+    trace_id = new_trace_id()
     with sessions.begin() as session:
-        run_id = job_runs.create_manual(session, job.name)
-    published = bool(publisher.send([(run_id, run_message(job.actor, run_id))]))
+        run_id = job_runs.create_manual(session, job.name, trace_id=trace_id)
+    published = bool(publisher.send([(run_id, run_message(job.actor, run_id, trace_id))]))
     if published:
         with sessions.begin() as session:
             job_runs.mark_published(session, [run_id])

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,20 +32,28 @@ APPLY_EVENT = "apply_event"
 SEND_REVIEW_REQUEST = "send_review_request"
 
 
-def _message(queue: str, actor: str, row_id: int) -> Message[Any]:
-    return Message(queue_name=queue, actor_name=actor, args=(row_id,), kwargs={}, options={})
+# The message option that carries the trace id of the row's work: Dramatiq
+# keeps a message's options through every retry (and a dead letter keeps
+# them for its requeue), so every attempt's log lines and provider calls
+# carry it (workers.main's LogContext binds it).
+TRACE_ID = "trace_id"
 
 
-def apply_event_message(event_id: int) -> Message[Any]:
-    return _message(PAYMENTS_QUEUE, APPLY_EVENT, event_id)
+def _message(queue: str, actor: str, row_id: int, trace_id: str | None) -> Message[Any]:
+    options = {TRACE_ID: trace_id} if trace_id else {}
+    return Message(queue_name=queue, actor_name=actor, args=(row_id,), kwargs={}, options=options)
 
 
-def run_message(actor: str, run_id: int) -> Message[Any]:
-    return _message(JOBS_QUEUE, actor, run_id)
+def apply_event_message(event_id: int, trace_id: str | None = None) -> Message[Any]:
+    return _message(PAYMENTS_QUEUE, APPLY_EVENT, event_id, trace_id)
 
 
-def review_request_message(request_id: int) -> Message[Any]:
-    return _message(NOTIFICATIONS_QUEUE, SEND_REVIEW_REQUEST, request_id)
+def run_message(actor: str, run_id: int, trace_id: str | None = None) -> Message[Any]:
+    return _message(JOBS_QUEUE, actor, run_id, trace_id)
+
+
+def review_request_message(request_id: int, trace_id: str | None = None) -> Message[Any]:
+    return _message(NOTIFICATIONS_QUEUE, SEND_REVIEW_REQUEST, request_id, trace_id)
 
 
 class Publisher:
@@ -98,11 +106,16 @@ class Publisher:
         self._pause_publishing()
         return []
 
-    def send_events(self, event_ids: Sequence[int], *, background: bool = False) -> list[int]:
-        """`background`: the caller publishes in the background and may wait
-        out a hung broker itself (nothing waits for it), so the publish runs
-        in its own thread, without the deadline's hand-over and back."""
-        messages = [(event_id, apply_event_message(event_id)) for event_id in event_ids]
+    def send_events(
+        self, event_ids: Sequence[int] | Mapping[int, str | None], *, background: bool = False
+    ) -> list[int]:
+        """Publish apply_event messages; given {event id: trace id}, each
+        message carries its event's trace id. `background`: the caller
+        publishes in the background and may wait out a hung broker itself
+        (nothing waits for it), so the publish runs in its own thread,
+        without the deadline's hand-over and back."""
+        traces = event_ids if isinstance(event_ids, Mapping) else {}
+        messages = [(event_id, apply_event_message(event_id, traces.get(event_id))) for event_id in event_ids]
         if background:
             return [] if self.paused else self._send(messages)
         return self.send(messages)
