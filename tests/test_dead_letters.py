@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -451,15 +453,50 @@ def test_purge_needs_yes_and_says_how_many_it_removed(client, sessions, worker, 
     assert depth(rabbit, "payments") == 0
 
 
-def test_the_command_itself_runs_from_a_shell(client, sessions, worker, rabbit, limited):
-    """Once as a process, as an operator's terminal or script runs it."""
+def test_the_command_itself_runs_from_a_shell_with_progress_on_a_terminal(
+    client, sessions, worker, rabbit, limited
+):
+    """As a process, as an operator's terminal or script runs it: progress
+    goes to stderr when it is a terminal, never into the piped output."""
     event_letter(client, sessions, rabbit)
-    result = subprocess.run(
+    listed = subprocess.run(
         [sys.executable, "-m", "payfleet.cli", "dead-letters", "list", "--queue", "payments"],
         env={**os.environ, **limited},
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
-    assert "apply_event(" in result.stdout
+    assert listed.returncode == 0, listed.stderr
+    assert "apply_event(" in listed.stdout
+    terminal, attached = pty.openpty()
+    shown: list[bytes] = []
+    # Read while it runs: a terminal's buffer is small, a writer blocks on a full one.
+    reader = threading.Thread(target=_drain, args=(terminal, shown), daemon=True)
+    reader.start()
+    try:
+        requeued = subprocess.run(
+            [sys.executable, "-m", "payfleet.cli", "dead-letters", "requeue", "--all"],
+            env={**os.environ, **limited},
+            stdout=subprocess.PIPE,
+            stderr=attached,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(attached)
+        reader.join(10)
+        os.close(terminal)
+    assert requeued.returncode == 0
+    assert "requeued 1/1" in b"".join(shown).decode()
+    assert "1/1" not in requeued.stdout and "requeued 1 message(s), left 0" in requeued.stdout
+
+
+def _drain(terminal: int, into: list[bytes]) -> None:
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the other end closed
+            return
+        if not chunk:
+            return
+        into.append(chunk)
