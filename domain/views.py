@@ -19,6 +19,7 @@ from domain.models import (
     OrderTransition,
     Payment,
     ProviderEvent,
+    ReviewRequest,
     StockMovement,
     StockReservation,
 )
@@ -34,6 +35,7 @@ def order_view(session: Session, order_id: str) -> dict[str, Any]:
     if order is None:
         raise NotFound(f"no order {order_id!r}")
     payment = session.scalars(select(Payment).where(Payment.order_id == key)).first()
+    timeline = _timeline(session, order, payment)
     return {
         "id": str(order.id),
         "status": order.status,
@@ -47,8 +49,18 @@ def order_view(session: Session, order_id: str) -> dict[str, Any]:
             {"sku": line.sku, "quantity": line.quantity, "unit_price": line.unit_price}
             for line in order.lines
         ],
-        "timeline": _timeline(session, order, payment),
+        "timeline": timeline,
+        "trace_ids": _trace_ids(session, order, timeline),
     }
+
+
+def _trace_ids(session: Session, order: Order, timeline: list[dict[str, Any]]) -> list[str]:
+    """The trace ids of the work that touched the order, oldest first: its
+    events' (each found in the logs of the ingress, the worker and the
+    provider calls) and the review request run's."""
+    found = [entry["trace_id"] for entry in timeline if entry.get("trace_id")]
+    review = session.scalar(select(ReviewRequest.trace_id).where(ReviewRequest.order_id == order.id))
+    return list(dict.fromkeys([*found, *([review] if review else [])]))
 
 
 def _payment_view(payment: Payment) -> dict[str, Any]:
@@ -66,8 +78,10 @@ def _timeline(session: Session, order: Order, payment: Payment | None) -> list[d
     """Events, transitions and movements, oldest first. Ties (one transaction
     shares one timestamp) keep the event first, then table order."""
     entries: list[tuple[datetime, int, int, dict[str, Any]]] = []
+    traces: dict[int, str | None] = {}
     if payment is not None:
         for e in session.scalars(select(ProviderEvent).where(ProviderEvent.payment_id == payment.id)):
+            traces[e.id] = e.trace_id
             entries.append(
                 (e.received_at, 0, e.id, {"at": iso(e.received_at), "kind": "event", **event_view(e)})
             )
@@ -80,6 +94,8 @@ def _timeline(session: Session, order: Order, payment: Payment | None) -> list[d
             "to": t.to_status,
             "reason": t.reason,
             "event_id": t.event_id,
+            # The trace of the event that made the change, when one did.
+            "trace_id": traces.get(t.event_id) if t.event_id is not None else None,
         }
         entries.append((t.created_at, 1, t.id, view))
     for m in session.scalars(select(StockMovement).where(StockMovement.reference == str(order.id))):
@@ -102,7 +118,16 @@ def event_view(event: ProviderEvent) -> dict[str, Any]:
         "received_at": iso(event.received_at),
         "published_at": iso(event.published_at),
         "processed_at": iso(event.processed_at),
+        "trace_id": event.trace_id,
     }
+
+
+def get_event(session: Session, event_id: int) -> dict[str, Any]:
+    """One stored event and the payment it was applied to."""
+    event = session.get(ProviderEvent, event_id)
+    if event is None:
+        raise NotFound(f"no event {event_id}")
+    return {**event_view(event), "payment_id": str(event.payment_id) if event.payment_id else None}
 
 
 def list_events(

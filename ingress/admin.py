@@ -191,6 +191,10 @@ class Events(AdminResource):
                 )
             }
 
+    def on_get_event(self, req: falcon.Request, resp: falcon.Response, event_id: int) -> None:
+        with self._sessions() as session:
+            resp.media = views.get_event(session, event_id)
+
     def on_post_replay(self, req: falcon.Request, resp: falcon.Response, event_id: int) -> None:
         published = self._inbox.replay(event_id)
         resp.status = falcon.HTTP_202

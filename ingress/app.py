@@ -81,6 +81,7 @@ def create_app(c: Collaborators) -> falcon.App[falcon.Request, falcon.Response]:
     app.add_route("/admin/reservations/stats", ReservationStats(c.sessions))
     events = Events(c.sessions, inbox)
     app.add_route("/admin/events", events)
+    app.add_route("/admin/events/{event_id:int}", events, suffix="event")
     app.add_route("/admin/events/{event_id:int}/replay", events, suffix="replay")
     app.add_route("/admin/events/replay", events, suffix="replay_many")
     admin_jobs.add_routes(app, c.sessions, s, c.publisher)
