@@ -272,6 +272,8 @@ def test_a_dry_run_shows_what_would_move_and_changes_nothing(three_letters, payf
     assert code == 0, out
     assert out.count("would requeue: ") == 3
     assert "would requeue 3 message(s), would leave 0" in out
+    code, out = payfleet("dead-letters", "requeue", "--all", "--dry-run", "--limit", "1", "--queue", "jobs")
+    assert code == 0 and "would requeue 1 message(s), would leave 0" in out and "cleanup_stale" in out
     assert state_of(sessions, three_letters) == before
     assert {queue: depth(rabbit, queue) for queue in QUEUES} == {"payments": 1, "jobs": 1, "notifications": 1}
 

@@ -256,8 +256,8 @@ def add_commands(commands: Any) -> None:
             action.add_argument("--archived", action="store_true", help="the archive, not the queues")
         if name in ("list", "summary"):
             action.add_argument("--json", action="store_true", help="one JSON object per line")
-        if name == "list":
-            action.add_argument("--limit", type=_positive)
+        if name in ("list", "requeue", "archive"):
+            action.add_argument("--limit", type=_positive, help="at most N letters (in queue order)")
         if name in ("requeue", "archive"):
             action.add_argument("--dry-run", action="store_true", help="show what would move; change nothing")
         if name == "requeue":
