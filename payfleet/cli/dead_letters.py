@@ -227,7 +227,10 @@ def _run(command: Command) -> Callable[[Settings, argparse.Namespace], int]:
             return command(tools, args)
         except pika.exceptions.AMQPError as error:
             # Whatever was not acknowledged is still a dead letter.
-            print(f"payfleet: RabbitMQ failed ({type(error).__name__}: {error}); nothing unconfirmed moved")
+            why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            print(
+                f"payfleet: RabbitMQ failed ({why}); a letter not yet moved is still there", file=sys.stderr
+            )
             return 1
         finally:
             tools.engine.dispose()
