@@ -403,9 +403,11 @@ def requeue(
         letters = _chosen(channel, queues, chosen, explain, _now())
         for done, (tag, letter) in enumerate(letters, 1):
             try:
+                # Paced before the reopen, so the publish follows it at once.
+                if not dry_run:
+                    pace()
                 reason = revive(letter, dry_run)
                 if reason is None and not dry_run:
-                    pace()
                     reason = _publish(channel, letter)
                     if reason is None:
                         channel.basic_ack(tag)
@@ -535,9 +537,10 @@ def requeue_archived(
     letters = list_archived(sessions, queues, chosen)
     with _channel(parameters) as channel:
         for done, letter in enumerate(letters, 1):
+            if not dry_run:
+                pace()
             reason = revive(letter, dry_run)
             if reason is None and not dry_run:
-                pace()
                 reason = _publish(channel, letter)
             if reason is None:
                 if not dry_run:
