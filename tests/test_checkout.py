@@ -322,7 +322,8 @@ BAD_BODIES: list[Any] = [
     pytest.param(body_for(("BAD-IN", 1), currency=978), 400, {"invalid_request"}, id="currency-number"),
     pytest.param(_without("currency"), 400, {"invalid_request"}, id="currency-missing"),
     pytest.param(body_for(("BAD-IN", 1), currency="USD"), 400, {"invalid_request"}, id="currency-mismatch"),
-    pytest.param(_without("provider"), 400, {"invalid_request"}, id="provider-missing"),
+    # A missing provider is "auto" (payment routing, tests/test_routing.py).
+    pytest.param(body_for(("BAD-IN", 1), provider=7), 400, {"invalid_request"}, id="provider-number"),
     pytest.param(body_for(("BAD-IN", 1), provider="paypal"), 400, {"invalid_request"}, id="provider-paypal"),
     pytest.param(body_for(("BAD-IN", 1), provider=None), 400, {"invalid_request"}, id="provider-null"),
     pytest.param(body_for(("BAD-IN", 1), customer="ada"), 400, {"invalid_request"}, id="customer-string"),
