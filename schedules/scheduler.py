@@ -11,12 +11,15 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 
+from prometheus_client import REGISTRY
+
 from payfleet.platform.broker import build_broker
-from payfleet.platform.config import Settings
+from payfleet.platform.config import Settings, job_table
 from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.metrics_endpoint import serve_metrics
 from payfleet.platform.publishing import Publisher
 from schedules.claims import claimer_for
+from schedules.fleet_gauges import FleetGauges
 from schedules.relay import OutboxRelay
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ def run(tasks: Sequence[Task], interval: float, stop: threading.Event) -> None:
 
 def tasks_for(settings: Settings) -> list[Task]:
     sessions = make_sessions(engine_for(settings, pool_size=2))
+    # What the alert rules watch, read from PostgreSQL at each scrape.
+    REGISTRY.register(FleetGauges(sessions, [job.name for job in job_table(settings).jobs]))
     # One broker connection for both tasks: they run on the same thread.
     publisher = Publisher(build_broker(settings))
     relay = OutboxRelay(
