@@ -195,6 +195,7 @@ def test_a_manual_run_through_the_admin_api(client, sessions, worker):
         "clean-expired-carts",
         "request-reviews",
         "release-expired-reservations",
+        "archive-dead-letters",
     ]
     carts = jobs[2]
     assert carts["cron"] == "0 * * * *" and carts["time_zone"] == "Europe/Paris"
@@ -240,7 +241,7 @@ def test_payfleet_jobs_run_wait_from_the_command_line(env, sessions, worker):
     run = json.loads(done.stdout[done.stdout.index("{") :])
     assert run["state"] == "succeeded" and run["counts"] == {"carts_deleted": 2}
     listed = json.loads(payfleet("jobs", "list").stdout)
-    assert len(listed) == 5 and listed[2]["last_run"]["id"] == run["id"]
+    assert len(listed) == 6 and listed[2]["last_run"]["id"] == run["id"]
     history = json.loads(payfleet("jobs", "runs", "--job", "clean-expired-carts").stdout)
     assert [r["id"] for r in history] == [run["id"]]
     assert payfleet("jobs", "run", "no-such-job").returncode == 2

@@ -134,7 +134,7 @@ def test_replicas_racing_for_the_same_slot_claim_it_once(sessions, settings):
         thread.join()
     published = [run for sender in senders for run in sender.sent]
     assert len(published) == len(set(published)) == scalar(sessions, "SELECT count(*) FROM scheduled_runs")
-    assert len(published) == 5  # one per job
+    assert len(published) == 6  # one per job
 
 
 def test_a_scheduler_down_two_hours_runs_each_job_once_on_recovery(sessions, settings):
@@ -166,9 +166,15 @@ def test_a_scheduler_down_two_hours_runs_each_job_once_on_recovery(sessions, set
         "release-expired-reservations": 1,
         "clean-expired-carts": 1,
         "request-reviews": 1,
+        "archive-dead-letters": 1,
     }
     # 24 five-minute slots in two hours: one ran, 23 are recorded as skipped.
-    assert skipped == {"expire-stale-orders": 23, "release-expired-reservations": 7, "clean-expired-carts": 1}
+    assert skipped == {
+        "expire-stale-orders": 23,
+        "release-expired-reservations": 7,
+        "clean-expired-carts": 1,
+        "archive-dead-letters": 1,
+    }
 
 
 def test_a_slot_found_past_its_catch_up_window_is_recorded_as_skipped(sessions, settings):
@@ -181,18 +187,18 @@ def test_a_slot_found_past_its_catch_up_window_is_recorded_as_skipped(sessions, 
     assert [(state, published) for _, _, state, published in sweep] == [("skipped", False)]
     reviews = rows(sessions, "request-reviews")
     assert [(state, published) for _, _, state, published in reviews] == [("skipped", False)]
-    assert len(sender.sent) == 3
+    assert len(sender.sent) == 4
 
 
 def test_a_claim_whose_publish_failed_is_published_by_the_next_tick(sessions, settings):
     now = datetime(2026, 6, 7, 10, 0, 1, tzinfo=UTC)
     claimer(sessions, settings, RecordingSender(fail=True)).run_once(now=now)
-    assert scalar(sessions, "SELECT count(*) FROM scheduled_runs WHERE published_at IS NULL") == 5
+    assert scalar(sessions, "SELECT count(*) FROM scheduled_runs WHERE published_at IS NULL") == 6
     sender = RecordingSender()
     later = claimer(sessions, settings, sender)
     time.sleep(0.6)  # past the republish grace
     later.run_once(now=now)
-    assert sorted(sender.sent) == [1, 2, 3, 4, 5]
+    assert sorted(sender.sent) == [1, 2, 3, 4, 5, 6]
     assert scalar(sessions, "SELECT count(*) FROM scheduled_runs WHERE published_at IS NULL") == 0
     assert later.run_once(now=now) == []
 
@@ -250,8 +256,9 @@ def test_claims_made_while_rabbitmq_was_down_publish_one_run_per_job(sessions, s
         "release-expired-reservations": 1,
         "clean-expired-carts": 1,
         "request-reviews": 1,
+        "archive-dead-letters": 1,
     }
-    assert len(sender.sent) == 4 and len(newest) == 4  # only the newest slot of each job is still queued
+    assert len(sender.sent) == 5 and len(newest) == 5  # only the newest slot of each job is still queued
     assert (
         scalar(
             sessions, "SELECT count(*) FROM scheduled_runs WHERE state = 'queued' AND published_at IS NULL"

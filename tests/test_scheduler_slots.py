@@ -111,6 +111,7 @@ def test_no_slot_is_lost_or_doubled_around_the_change(day):
         "clean-expired-carts": every(first, last, 60),
         "request-reviews": daily,
         "cleanup-stale-payment-intents": weekly,
+        "archive-dead-letters": every(first + timedelta(minutes=45), last, 60),
     }
     start, end = first - timedelta(microseconds=1), last
     for job in JOBS:

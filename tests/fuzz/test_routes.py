@@ -75,6 +75,13 @@ class Route:
     query: tuple[tuple[str, tuple[str, ...]], ...] = ()  # parameter, plausible values
 
 
+ROUTING = {
+    "rules": [
+        {"name": "cm", "match": {"currency": ["XAF"], "country": ["CM"]}, "providers": ["monetbil"]},
+        {"name": "big", "match": {"min_amount": 100000}, "providers": ["stripe"]},
+    ]
+}
+
 ROUTES = [
     Route("POST", "/checkout", CHECKOUT),
     Route("POST", "/checkout", MONETBIL_CHECKOUT),
@@ -100,6 +107,12 @@ ROUTES = [
     Route("GET", "/admin/jobs/runs", query=(("job", ("clean-expired-carts",)), ("limit", ("3",)))),
     Route("GET", "/admin/jobs/metrics"),
     Route("POST", "/admin/jobs/{job}/run"),
+    Route("GET", "/admin/routing"),
+    Route("PUT", "/admin/routing", ROUTING),
+    Route("GET", "/admin/routing/history"),
+    Route("POST", "/admin/routing/explain", {"currency": "XAF", "country": "CM", "amount": 2500}),
+    Route("POST", "/admin/events/replay", {"status": "failed", "provider": "stripe", "dry_run": True}),
+    Route("GET", "/openapi.json"),
     Route("GET", "/healthz"),
     Route("GET", "/readyz"),
     Route("GET", "/metrics"),
