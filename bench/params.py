@@ -12,6 +12,7 @@ class Params:
     threads: int = 8
     ingest_seconds: float = 12.0
     ingest_connections: tuple[int, ...] = (2, 16)
+    ingest_rounds: int = 3  # each server measured this many times per connection count, alternately
     apply_events: int = 2000
     apply_skus: int = 50
     expire_orders: int = 2000
@@ -35,6 +36,7 @@ def for_scale(scale: str) -> Params:
     if scale == "smoke":
         return Params(
             ingest_seconds=1.0,
+            ingest_rounds=1,
             apply_events=80,
             apply_skus=10,
             expire_orders=60,

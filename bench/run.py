@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--processes", type=int, help="worker processes (default 2)")
     add("--threads", type=int, help="worker threads per process (default 8)")
     add("--ingest-seconds", type=float)
+    add("--ingest-rounds", type=int, help="rounds per server and connection count (default 3)")
     add("--apply-events", type=int)
     add("--expire-orders", type=int)
     add("--expire-slow-orders", type=int, help="orders of the rate-limited and 50 ms variants")
@@ -75,6 +76,7 @@ def _params(args: argparse.Namespace) -> Params:
             "processes",
             "threads",
             "ingest_seconds",
+            "ingest_rounds",
             "apply_events",
             "expire_orders",
             "expire_slow_orders",
