@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -108,28 +109,31 @@ def test_a_stripe_request_id_is_the_trace_id_of_the_event_its_message_and_its_vi
 def test_an_event_no_request_caused_gets_a_fresh_trace_id_kept_by_its_duplicates(
     client, sessions, broker_url
 ):
-    automatic = stripe_event("customer.updated", {"id": "cus_2", "object": "customer"})  # request.id null
-    legacy_string = with_request(
-        stripe_event("customer.created", {"id": "cus_3", "object": "customer"}), None
-    )
-    too_long = with_request(
-        stripe_event("customer.deleted", {"id": "cus_4", "object": "customer"}), {"id": "req_" + "x" * 80}
-    )
-    for body in (automatic, legacy_string, too_long):
-        assert deliver(client, body).json == {"received": True, "duplicate": False}
-    messages = wait_for_messages(broker_url, "payments", 3)
+    def customer(event_type: str, request: Any) -> bytes:
+        return with_request(stripe_event(event_type, {"id": "cus_2", "object": "customer"}), request)
 
-    traces = {
-        json.loads(body)["id"]: stored_trace(sessions, json.loads(body)["id"])
-        for body in (automatic, legacy_string, too_long)
-    }
-    assert all(FRESH.match(trace) for trace in traces.values()), traces
-    assert len(set(traces.values())) == 3
-    assert sorted(m["options"]["trace_id"] for m in messages) == sorted(traces.values())
+    automatic = customer("customer.updated", {"id": None, "idempotency_key": None})
+    no_request = customer("customer.created", None)
+    too_long = customer("customer.deleted", {"id": "req_" + "x" * 80})
+    # Before API version 2017-05-25, `request` was the request id itself.
+    legacy = customer("customer.source.created", "req_legacy1")
+    bodies = (automatic, no_request, too_long, legacy)
+    for body in bodies:
+        assert deliver(client, body).json == {"received": True, "duplicate": False}
+    messages = wait_for_messages(broker_url, "payments", len(bodies))
+
+    automatic_key = json.loads(automatic)["id"]
+    traces = [stored_trace(sessions, json.loads(body)["id"]) for body in bodies]
+    assert traces[3] == "req_legacy1"
+    assert all(FRESH.match(trace) for trace in traces[:3]), traces
+    assert len(set(traces)) == len(bodies)
+    assert sorted(m["options"]["trace_id"] for m in messages) == sorted(traces)
 
     # A redelivery is a duplicate: the stored trace stays, nothing is published.
     assert deliver(client, automatic).json == {"received": True, "duplicate": True}
-    assert stored_trace(sessions, json.loads(automatic)["id"]) == traces[json.loads(automatic)["id"]]
+    assert stored_trace(sessions, automatic_key) == traces[0]
+    time.sleep(0.3)  # what the inbox would publish is out well before this
+    assert take_messages(broker_url, "payments") == []
 
 
 def test_an_unknown_event_is_404_and_a_huge_id_is_no_server_error(client):
