@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up test lint install services db bench bench-smoke bench-tools chaos
+.PHONY: up test lint install services db bench bench-smoke bench-tools chaos promtool
 
 up: install services db
 	@test -n "$$ADMIN_TOKEN" || test -f .admin-token || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24))" > .admin-token
@@ -16,7 +16,7 @@ up: install services db
 	@echo "admin token: $${ADMIN_TOKEN:-$$(cat .admin-token)}   RabbitMQ management UI: http://127.0.0.1:15672 (guest/guest)"
 	ADMIN_TOKEN="$${ADMIN_TOKEN:-$$(cat .admin-token)}" $(BIN)/payfleet up
 
-test: install services
+test: install services promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
@@ -54,6 +54,15 @@ bench: install services bench-tools
 # Every scenario, tiny: fails if one breaks, claims nothing about speed.
 bench-smoke: install services bench-tools
 	$(BIN)/python -m bench.run --scale smoke $(BENCH_ARGS)
+
+# promtool (Debian's `prometheus` package) checks and unit-tests the alert
+# rules (tests/test_alerts.py); installed where apt is available, and those
+# tests skip where it is absent.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get install -y -q --no-install-recommends prometheus || \
+		  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }; } || \
+		echo "promtool could not be installed; the alert rule tests will be skipped"
 
 bench-tools:
 	@command -v wrk >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
