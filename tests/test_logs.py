@@ -215,3 +215,37 @@ def test_a_rabbitmq_outage_is_one_warning_not_a_traceback_per_attempt(start, bro
     assert int(back[0]["msg"].split("; ")[1].split()[0]) >= 10  # the repeats held back, counted
     assert _find(output, lambda line: line["level"] in ("WARNING", "ERROR", "CRITICAL")) == lost
     assert "Traceback" not in output
+
+
+def test_through_the_launcher_dramatiqs_own_processes_write_json_too(env, tmp_path):
+    """`python -m payfleet.platform.logs <dramatiq arguments>`: the supervisor
+    and the metrics fork process log JSON as well, not Dramatiq's text."""
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "payfleet.platform.logs",
+                "workers.main",
+                "--processes",
+                "1",
+                "--threads",
+                "1",
+            ],
+            env={**os.environ, **env, "LOG_FORMAT": "json", "WORKER_METRICS_PORT": str(free_port())},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        eventually(
+            lambda: "is ready for action" in log.read_text() and "Fork process" in log.read_text(), timeout=30
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(20)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    loggers = {line["logger"] for line in lines}
+    assert {"dramatiq.MainProcess", "dramatiq.WorkerProcess(0)", "dramatiq.ForkProcess(0)"} <= loggers
+    assert {line["process"] for line in lines} == {"worker"}

@@ -270,3 +270,25 @@ def gunicorn_logconfig(process: str, log_format: str) -> dict[str, Any]:
         "handlers": {"payfleet": {"()": handler, "process": process, "log_format": log_format}},
         "formatters": {},
     }
+
+
+def run_dramatiq(log_format: str, argv: list[str]) -> int:
+    """Dramatiq's command line with payfleet's logs in every process it starts.
+
+    Dramatiq's parent and fork processes (the supervisor, the metrics
+    exporter) call `logging.basicConfig` with Dramatiq's own text format;
+    basicConfig does nothing once the root logger has a handler, so setting
+    payfleet's up first makes them write JSON lines too. Worker processes
+    replace it with one on their log pipe (workers/main.py)."""
+    from dramatiq.cli import main, make_argument_parser
+
+    configure("worker", log_format)
+    return int(main(make_argument_parser().parse_args(argv)))  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    # `python -m payfleet.platform.logs workers.main --processes N …`: what
+    # `payfleet worker` can exec in place of `python -m dramatiq …`.
+    from payfleet.platform.config import load_settings
+
+    sys.exit(run_dramatiq(load_settings().log_format, sys.argv[1:]))
