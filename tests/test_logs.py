@@ -21,8 +21,8 @@ import requests
 
 from payfleet.platform import logs
 from tests.conftest import ADMIN_TOKEN, eventually, free_port
-from tests.support.shop import deliver
-from tests.support.stripe_signing import stripe_event
+from tests.support.shop import SECRET, deliver
+from tests.support.stripe_signing import sign_stripe_payload, stripe_event
 from tests.support.tcp_proxy import TcpProxy
 
 Start = Callable[..., tuple[subprocess.Popen[bytes], Path]]
@@ -249,3 +249,47 @@ def test_through_the_launcher_dramatiqs_own_processes_write_json_too(env, tmp_pa
     loggers = {line["logger"] for line in lines}
     assert {"dramatiq.MainProcess", "dramatiq.WorkerProcess(0)", "dramatiq.ForkProcess(0)"} <= loggers
     assert {line["process"] for line in lines} == {"worker"}
+
+
+def test_the_ingress_warns_once_while_rabbitmq_is_away(start, broker_url):
+    """Webhooks keep arriving during the outage: each is stored and answered,
+    and its failed publish is not one more warning or traceback."""
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        port = free_port()
+        ingress, log = start(
+            "ingress",
+            "--bind",
+            f"127.0.0.1:{port}",
+            BROKER_URL=proxy.url_for(broker_url),
+            PUBLISH_PAUSE_SECONDS="0",
+        )
+        base = f"http://127.0.0.1:{port}"
+        eventually(lambda: _post(base, "evt_before") == 200, timeout=30, interval=0.2)
+        proxy.cut()
+        for number in range(12):
+            assert _post(base, f"evt_during_{number}") == 200
+            time.sleep(0.5)
+        proxy.restore()
+        eventually(lambda: _post(base, f"evt_after_{time.monotonic()}") == 200 and _back(log), timeout=30)
+        time.sleep(0.5)
+        output = log.read_text()
+        ingress.send_signal(signal.SIGTERM)
+        ingress.wait(20)
+
+    lost = _find(output, lambda line: "RabbitMQ connection lost" in line["msg"])
+    assert len(lost) == 1, _find(output, lambda line: line["level"] != "INFO")
+    assert _find(output, lambda line: line["level"] in ("WARNING", "ERROR", "CRITICAL")) == lost
+    assert "Traceback" not in output
+
+
+def _post(base: str, event_id: str) -> int:
+    body = stripe_event("customer.created", {"id": "cus_1"}, event_id=event_id)
+    headers = {"Stripe-Signature": sign_stripe_payload(body, SECRET), "Content-Type": "application/json"}
+    try:
+        return requests.post(f"{base}/webhooks/stripe", data=body, headers=headers, timeout=10).status_code
+    except requests.ConnectionError:
+        return 0
+
+
+def _back(log: Path) -> bool:
+    return bool(_find(log, lambda line: "RabbitMQ connection back" in line["msg"]))
