@@ -187,6 +187,31 @@ SCHEMAS: dict[str, Schema] = {
         published_at=_TIMESTAMP,
         processed_at=_TIMESTAMP,
     ),
+    "Run": _object(
+        ["id", "job", "trigger", "state", "counts"],
+        id={"type": "integer"},
+        job={"type": "string"},
+        slot=_TIMESTAMP,
+        trigger={"enum": ["scheduled", "manual"]},
+        state={"enum": ["queued", "running", "succeeded", "failed", "skipped"]},
+        counts={"type": "object"},
+        error=_nullable("string"),
+        attempts={"type": "integer"},
+        created_at=_TIMESTAMP,
+        started_at=_TIMESTAMP,
+        finished_at=_TIMESTAMP,
+        duration_seconds=_nullable("number"),
+    ),
+    "Job": _object(
+        ["name", "cron", "time_zone", "follows_real_time", "catch_up_seconds", "next_run", "last_run"],
+        name={"type": "string"},
+        cron={"type": "string"},
+        time_zone={"type": "string"},
+        follows_real_time={"type": "boolean"},
+        catch_up_seconds={"type": "integer"},
+        next_run=_object(["local", "utc"], local=_TIMESTAMP, utc=_TIMESTAMP),
+        last_run={"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Run"}]},
+    ),
     "Readiness": _object(
         ["ready", "checks"],
         ready={"type": "boolean"},
@@ -536,21 +561,35 @@ def _job_paths() -> dict[str, Schema]:
         "/admin/jobs": {
             "get": op(
                 "The job table with next and last runs",
-                {"200": _json(_list_of("jobs", {"type": "object"}), "jobs")},
+                {"200": _json(_list_of("jobs", ref("Job")), "jobs")},
                 admin=True,
             )
         },
         "/admin/jobs/runs": {
             "get": op(
                 "Runs, newest first",
-                {"200": _json(_list_of("runs", {"type": "object"}), "runs"), "400": BAD_INPUT},
+                {"200": _json(_list_of("runs", ref("Run")), "runs"), "400": BAD_INPUT},
                 admin=True,
                 parameters=[_query("job", {"type": "string"}), _limit()],
             )
         },
         "/admin/jobs/metrics": {
             "get": op(
-                "Figures from the run records", {"200": _json({"type": "object"}, "figures")}, admin=True
+                "Figures from the run records, fleet-wide",
+                {
+                    "200": _json(
+                        _object(
+                            ["paymentsExpiredTotal", "paymentIntentsCanceledTotal", "stockReleasedTotal"],
+                            paymentsExpiredTotal={"type": "integer"},
+                            paymentIntentsCanceledTotal={"type": "integer"},
+                            stockReleasedTotal={"type": "integer"},
+                            jobExecutionTime={"type": "object", "additionalProperties": {"type": "number"}},
+                            lastExecutionTime={"type": "object", "additionalProperties": _TIMESTAMP},
+                        ),
+                        "figures",
+                    )
+                },
+                admin=True,
             )
         },
         "/admin/jobs/{name}/run": {

@@ -85,13 +85,15 @@ def test_admin_operations_declare_the_bearer_scheme():
 
 def _seed(base: str) -> None:
     """Rows for the list answers to show: a product, an order with its
-    payment (through the fake Stripe), a stored event."""
+    payment (through the fake Stripe), a queued job run."""
     product = {"name": "Mug", "price": 1200, "currency": "EUR", "on_hand": 5, "low_stock_threshold": 1}
     assert (
         requests.put(f"{base}/admin/products/MUG", json=product, headers=ADMIN, timeout=10).status_code == 201
     )
     order = {"items": [{"sku": "MUG", "quantity": 1}], "provider": "stripe", "currency": "EUR"}
     assert requests.post(f"{base}/checkout", json=order, timeout=10).status_code == 201
+    run = requests.post(f"{base}/admin/jobs/clean-expired-carts/run", headers=ADMIN, timeout=10)
+    assert run.status_code == 202
 
 
 def test_the_live_ingress_answers_as_described(ingress):
