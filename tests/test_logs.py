@@ -40,7 +40,7 @@ def json_root() -> Iterator[io.StringIO]:
     saved = (list(root.handlers), root.level)
     stream = io.StringIO()
     levels = {name: logging.getLogger(name).level for name in ("pika", "stripe")}
-    logs.configure("worker", "json", stream=stream)
+    logs.configure("worker", "json", stream=stream, replace=True)
     yield stream
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
@@ -76,6 +76,15 @@ def test_a_traceback_stays_inside_its_one_line(json_root):
         logging.getLogger("payfleet.test").exception("failed")
     (line,) = _lines(json_root)
     assert line["msg"] == "failed" and "RuntimeError: boom" in line["exc_info"]
+
+
+def test_configure_leaves_a_root_logger_set_up_by_its_host_alone():
+    # pytest's handlers are on the root logger, as a host's would be.
+    root = logging.getLogger()
+    before = list(root.handlers)
+    assert before
+    logs.configure("cli", "json")
+    assert root.handlers == before
 
 
 def test_an_unknown_context_field_is_refused():

@@ -72,7 +72,7 @@ def _trace_id(actor: str, args: tuple[Any, ...], options: dict[str, Any]) -> str
 settings = load_settings()
 # Dramatiq's CLI has already pointed the root logger at this process's log
 # pipe (sys.stderr here) in its own format; payfleet's handler replaces it.
-logs.configure("worker", settings.log_format)
+logs.configure("worker", settings.log_format, replace=True)
 broker = build_broker(settings)
 # Dramatiq's Prometheus middleware, with an exporter that survives a taken port.
 broker.add_middleware(WorkerMetrics())

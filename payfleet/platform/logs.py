@@ -228,11 +228,20 @@ def handler(process: str, log_format: str, stream: IO[str] | None = None) -> log
 
 
 def configure(
-    process: str, log_format: str, *, stream: IO[str] | None = None, level: int = logging.INFO
+    process: str,
+    log_format: str,
+    *,
+    stream: IO[str] | None = None,
+    level: int = logging.INFO,
+    replace: bool = False,
 ) -> None:
-    """Make the root logger write through one payfleet handler, in place of
-    whatever was set before (basicConfig's, Dramatiq's)."""
+    """Make the root logger write through one payfleet handler. Like
+    basicConfig, it leaves a root logger that already has handlers alone (a
+    command run inside a test session keeps pytest's), unless told to
+    `replace` them (Dramatiq's, in a worker process)."""
     root = logging.getLogger()
+    if root.handlers and not replace:
+        return
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler(process, log_format, stream))
@@ -282,7 +291,7 @@ def run_dramatiq(log_format: str, argv: list[str]) -> int:
     replace it with one on their log pipe (workers/main.py)."""
     from dramatiq.cli import main, make_argument_parser
 
-    configure("worker", log_format)
+    configure("worker", log_format, replace=True)
     return int(main(make_argument_parser().parse_args(argv)))  # type: ignore[no-untyped-call]
 
 
