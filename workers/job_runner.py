@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -104,6 +104,11 @@ class JobContext:
         context = contextvars.copy_context()
         return self.provider_calls.map(lambda item: context.copy().run(work, item), items)
 
+    def start_beside(self, work: Callable[[T], R], items: Iterable[T]) -> list[Future[R]]:
+        """`beside`, returning at once with the calls' futures."""
+        context = contextvars.copy_context()
+        return [self.provider_calls.submit(context.copy().run, work, item) for item in items]
+
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -119,20 +124,29 @@ def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -
     its own. Settling beside the calls, not one after another in this
     thread, is what keeps the job bound by the provider: a settle is a
     handful of round trips and a commit, as long as a fast provider's
-    answer."""
+    answer. The next batch is read and listed while the calls of the one
+    before are under way, so that no call waits for a list."""
     attention_after = timedelta(seconds=c.settings.pending_attention_after_seconds)
     after: StaleOrder | None = None
-    while True:
-        with c.sessions() as session:
-            batch = expire_orders.stale_orders(session, c.clock(), after=after, limit=EXPIRE_BATCH)
-        listed = expire_orders.listed_intents(c.gateways.stripe, batch)
-        counts["listed"] += len(listed)
-        expire = partial(_expire_one, c, run.id, attention_after, listed)
-        for found in c.beside(expire, batch):
-            counts.update(found)
-        if len(batch) < EXPIRE_BATCH:
-            return
-        after = batch[-1]
+    in_flight: list[list[Future[Counter[str]]]] = []
+    try:
+        while True:
+            with c.sessions() as session:
+                batch = expire_orders.stale_orders(session, c.clock(), after=after, limit=EXPIRE_BATCH)
+            listed = expire_orders.listed_intents(c.gateways.stripe, batch)
+            counts["listed"] += len(listed)
+            in_flight.append(c.start_beside(partial(_expire_one, c, run.id, attention_after, listed), batch))
+            if len(in_flight) > 1:
+                counts.update(sum((call.result() for call in in_flight.pop(0)), Counter()))
+            if len(batch) < EXPIRE_BATCH:
+                break
+            after = batch[-1]
+        while in_flight:
+            counts.update(sum((call.result() for call in in_flight.pop(0)), Counter()))
+    finally:
+        for calls in in_flight:  # a failed run leaves no call of its own to start
+            for call in calls:
+                call.cancel()
 
 
 def _expire_one(
