@@ -9,6 +9,8 @@ from typing import Protocol
 import requests
 from urllib3.exceptions import NewConnectionError
 
+from domain.gateways import trace_headers
+
 
 class MessagingError(Exception):
     """The message was not accepted, or may not have been. `retryable` says
@@ -46,7 +48,9 @@ class WhatsAppApiGateway:
             raise MessagingError("WhatsApp is not configured (WHATSAPP_* settings)", retryable=False)
         form = {"To": f"whatsapp:{to}", "From": f"whatsapp:{self._sender}", "Body": body}
         try:
-            answer = self._http.post(self._url, data=form, auth=self._auth, timeout=self._timeout)
+            answer = self._http.post(
+                self._url, data=form, auth=self._auth, timeout=self._timeout, headers=trace_headers()
+            )
         except requests.RequestException as error:
             if _never_sent(error):
                 raise MessagingError(f"WhatsApp API unreachable: {error}", retryable=True) from None

@@ -28,7 +28,7 @@ def _ingress(settings: Settings, args: argparse.Namespace) -> int:
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     command = [
-        sys.executable, "-m", "dramatiq", "workers.main",
+        sys.executable, "-m", "payfleet.platform.logs", "workers.main",
         "--processes", str(args.processes),
         "--threads", str(args.threads),
         "--queues", *QUEUES,

@@ -15,6 +15,7 @@ warning when the outage starts and one line when a connection succeeds.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import threading
@@ -26,6 +27,7 @@ from typing import IO, Any, ClassVar
 
 import pika.exceptions
 from dramatiq.errors import BrokerConnectionError
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from pythonjsonlogger.json import JsonFormatter
 
 CONTEXT_FIELDS = ("trace_id", "event_id", "order_id", "run_id", "job")
@@ -147,7 +149,23 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pika.exceptions.StreamLostError,
     BrokerConnectionError,  # Dramatiq's ConnectionClosed, ConnectionFailed
     ConnectionError,
+    # A publish on a channel whose connection just died.
+    pika.exceptions.ChannelWrongStateError,
+    # pika's connection workflow (socket connect, TLS, AMQP handshake): not
+    # an AMQPConnectionError when it reaches a caller unwrapped.
+    AMQPConnectorException,
 )
+
+
+def _connection_gone(value: object) -> bool:
+    # ENOTCONN is an OSError but not a ConnectionError; and when the peer
+    # vanishes between connect and handshake, pika raises a bare ValueError
+    # about the socket (io_services_utils), which nothing else raises there.
+    return (
+        isinstance(value, _CONNECTION_ERRORS)
+        or (isinstance(value, OSError) and value.errno == errno.ENOTCONN)
+        or (isinstance(value, ValueError) and str(value).startswith("Expected connected socket"))
+    )
 
 
 class BrokerOutages(logging.Filter):
@@ -181,7 +199,7 @@ class BrokerOutages(logging.Filter):
             return True
         exc = record.exc_info[1] if record.exc_info else None
         args = record.args if isinstance(record.args, tuple) else ()
-        return any(isinstance(value, _CONNECTION_ERRORS) for value in (exc, *args))
+        return any(_connection_gone(value) for value in (exc, *args))
 
     def _outage(self, record: logging.LogRecord) -> bool:
         with self._lock:
