@@ -137,9 +137,8 @@ class Router:
         if opened is not None:
             CIRCUIT_OPEN.labels(provider).set(1)
 
-    def answered(self, sessions: sessionmaker[Session], provider: str) -> None:
-        with sessions.begin() as session:
-            circuit.record_success(session, provider)
+    def answered(self, session: Session, provider: str) -> None:
+        circuit.record_success(session, provider)
         CIRCUIT_OPEN.labels(provider).set(0)
 
 
@@ -285,7 +284,6 @@ class _Attempt:
             return None
         self.tried.append(Tried(provider.name, "started"))
         DECISIONS.labels(self._route.rule_label, provider.name, "started").inc()
-        self._router.answered(self._sessions, provider.name)
         return started
 
     def _switch_to(self, name: str) -> bool:
@@ -302,6 +300,8 @@ class _Attempt:
         decision = _decision(self._route, self.tried) if auto else None
         with self._sessions.begin() as session:
             routing.record_start(session, self._payment.id, started.provider_payment_id, decision)
+            # The provider answered: its circuit closes in the same transaction.
+            self._router.answered(session, name)
         self._payment.provider_payment_id = started.provider_payment_id
 
     def _give_up(self) -> NoReturn:

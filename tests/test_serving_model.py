@@ -67,7 +67,10 @@ def test_slow_checkouts_do_not_delay_webhook_answers(ingress, fake_stripe, sessi
     assert still_waiting > 0, "the webhooks were answered while checkouts waited on Stripe"
     assert [status for status, _ in outcomes] == [201] * 20
     assert min(took for _, took in outcomes) >= 2.0
-    assert p99(latencies) <= 0.1, sorted(latencies)[-5:]
+    # A webhook queued behind the checkouts would wait out Stripe's 2 s; the
+    # bound is well under that, not a speed figure (the bench measures those:
+    # this one moved around 0.1 s with the checkouts' burst of completions).
+    assert p99(latencies) <= 0.5, sorted(latencies)[-5:]
     assert scalar(sessions, "SELECT count(*) FROM provider_events") == 200
 
 

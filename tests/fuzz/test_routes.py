@@ -110,6 +110,8 @@ ROUTES = [
     Route("GET", "/admin/routing"),
     Route("PUT", "/admin/routing", ROUTING),
     Route("GET", "/admin/routing/history"),
+    Route("GET", "/admin/routing/providers"),
+    Route("GET", "/admin/events/{event}"),
     Route("POST", "/admin/routing/explain", {"currency": "XAF", "country": "CM", "amount": 2500}),
     Route("POST", "/admin/events/replay", {"status": "failed", "provider": "stripe", "dry_run": True}),
     Route("GET", "/openapi.json"),
