@@ -62,7 +62,9 @@ def job_gateways(settings: Settings) -> JobGateways:
     """The providers the jobs talk to. Stripe calls are paced to
     STRIPE_MAX_RPS, and a 429 waits and asks again."""
     throttled = ThrottledRequestsClient(
-        RateLimiter(settings.stripe_max_rps), timeout=settings.stripe_timeout_seconds
+        RateLimiter(settings.stripe_max_rps),
+        timeout=settings.stripe_timeout_seconds,
+        base_url=settings.stripe_api_base,
     )
     stripe = StripeApiGateway(
         settings.stripe_api_key,
