@@ -17,9 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -28,14 +26,13 @@ import pytest
 from sqlalchemy import text
 
 from domain import job_runs
-from domain.models import Order
 from payfleet.cli.main import main
 from payfleet.platform import dead_letter_queues as dead_letters
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, load_settings
 from payfleet.platform.publishing import QUEUES, run_message
 from tests.conftest import _rabbitmqctl, eventually, scalar
-from tests.support.jobs import job_runner, run_job
+from tests.support.jobs import completed_order, job_runner, run_job
 from tests.support.shop import ADMIN, checkout, deliver, intent_event, order, put_product
 from workers.apply_events import declare_event_actors
 from workers.job_runner import declare_job_actors, job_gateways
@@ -156,25 +153,6 @@ def review_letter(sessions: Any, settings: Settings, fake_whatsapp: Any, rabbit:
 
 def review_status(sessions: Any, request_id: int) -> str:
     return str(scalar(sessions, "SELECT status FROM review_requests WHERE id = :id", id=request_id))
-
-
-def completed_order(sessions: Any, days_ago: float) -> uuid.UUID:
-    order_id = uuid.uuid4()
-    completed = datetime.now(UTC) - timedelta(days=days_ago)
-    with sessions() as session:
-        session.add(
-            Order(
-                id=order_id,
-                status="completed",
-                currency="EUR",
-                total_amount=1500,
-                customer_phone="+33611111111",
-                expires_at=completed,
-                completed_at=completed,
-            )
-        )
-        session.commit()
-    return order_id
 
 
 def adopt_intent(sessions: Any, order_id: str, intent_id: str) -> None:

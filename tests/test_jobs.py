@@ -24,33 +24,14 @@ import workers.job_runner
 from domain import job_runs
 from domain.job_runs import StartedRun
 from domain.messaging import MessagingError, WhatsAppApiGateway, WhatsAppGateway
-from domain.models import Cart, Order
+from domain.models import Cart
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
 from payfleet.platform.publishing import review_request_message, run_message
 from tests.conftest import eventually, scalar
-from tests.support.jobs import job_runner, make_stale, order_status, run_job, stripe_order
+from tests.support.jobs import completed_order, job_runner, make_stale, order_status, run_job, stripe_order
 from tests.support.shop import ADMIN, product, put_product
 from workers.job_runner import JobContext, declare_job_actors, job_gateways
-
-
-def completed_order(sessions: Any, days_ago: float, phone: str | None = "+33611111111") -> uuid.UUID:
-    order_id = uuid.uuid4()
-    with sessions() as session:
-        completed = datetime.now(UTC) - timedelta(days=days_ago)
-        session.add(
-            Order(
-                id=order_id,
-                status="completed",
-                currency="EUR",
-                total_amount=1500,
-                customer_phone=phone,
-                expires_at=completed,
-                completed_at=completed,
-            )
-        )
-        session.commit()
-    return order_id
 
 
 def requests_by_status(sessions: Any) -> dict[str, int]:

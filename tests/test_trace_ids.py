@@ -15,9 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +29,11 @@ from sqlalchemy import text
 
 from domain.events import EventFacts, record_event
 from domain.gateways import TRACE_HEADER
-from domain.models import Order
 from payfleet.platform.broker import build_broker
 from payfleet.platform.publishing import Publisher
 from schedules.relay import OutboxRelay
 from tests.conftest import ADMIN_TOKEN, eventually, free_port, scalar
-from tests.support.jobs import job_runner, make_stale, run_job, stripe_order
+from tests.support.jobs import completed_order, job_runner, make_stale, run_job, stripe_order
 from tests.support.shop import ADMIN, deliver, intent_event, order, put_product, settle
 from tests.support.stripe_signing import stripe_event
 from workers.apply_events import declare_event_actors
@@ -263,24 +260,6 @@ def test_a_manual_run_has_its_own_trace_id_in_its_message(client, broker_url):
     [run] = [r for r in runs if r["id"] == answer.json["run_id"]]
     assert FRESH.match(run["trace_id"])
     assert (message["args"], message["options"]["trace_id"]) == ([run["id"]], run["trace_id"])
-
-
-def completed_order(sessions: Any, days_ago: float) -> uuid.UUID:
-    order_id = uuid.uuid4()
-    completed = datetime.now(UTC) - timedelta(days=days_ago)
-    with sessions.begin() as session:
-        session.add(
-            Order(
-                id=order_id,
-                status="completed",
-                currency="EUR",
-                total_amount=1500,
-                customer_phone="+33611111111",
-                expires_at=completed,
-                completed_at=completed,
-            )
-        )
-    return order_id
 
 
 def test_a_review_send_carries_its_runs_trace_id(client, sessions, settings, broker_url):

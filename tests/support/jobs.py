@@ -3,9 +3,10 @@ manual run executed in the test's own thread, and orders made stale."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from falcon import testing
@@ -13,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from domain import job_runs
+from domain.models import Order
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import Settings, job_table
 from payfleet.platform.publishing import Publisher
@@ -98,3 +100,24 @@ def order_status(sessions: sessionmaker[Session], order_id: str) -> tuple[str, s
             {"id": order_id},
         ).one()
     return row[0], row[1]
+
+
+def completed_order(
+    sessions: sessionmaker[Session], days_ago: float, phone: str | None = "+33611111111"
+) -> uuid.UUID:
+    """An order completed `days_ago` days ago, as the review job looks for them."""
+    order_id = uuid.uuid4()
+    completed = datetime.now(UTC) - timedelta(days=days_ago)
+    with sessions.begin() as session:
+        session.add(
+            Order(
+                id=order_id,
+                status="completed",
+                currency="EUR",
+                total_amount=1500,
+                customer_phone=phone,
+                expires_at=completed,
+                completed_at=completed,
+            )
+        )
+    return order_id
