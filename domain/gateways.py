@@ -70,6 +70,18 @@ class PaymentIntent:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+def _intent(intent: Any) -> PaymentIntent:
+    """Ours, from the library's PaymentIntent (a call's answer or a list's item)."""
+    return PaymentIntent(
+        id=intent.id,
+        status=intent.status,
+        amount=intent.amount,
+        currency=intent.currency,
+        client_secret=getattr(intent, "client_secret", None),  # absent where an answer leaves it out
+        metadata=intent.metadata.to_dict() if intent.metadata else {},
+    )
+
+
 class StripeGateway(Protocol):
     def create_payment_intent(
         self, *, amount: int, currency: str, metadata: dict[str, str], idempotency_key: str
@@ -159,13 +171,7 @@ class StripeApiGateway:
             # fetches later pages without the call's options.
             pages = self._client.v1.payment_intents.list(params=params, options=_stripe_options())  # type: ignore[arg-type]
             for intent in pages.auto_paging_iter():
-                yield PaymentIntent(
-                    id=intent.id,
-                    status=intent.status,
-                    amount=intent.amount,
-                    currency=intent.currency,
-                    metadata=intent.metadata.to_dict() if intent.metadata else {},
-                )
+                yield _intent(intent)
         except stripe.StripeError as error:
             raise self._failure(error) from None
 
@@ -176,14 +182,7 @@ class StripeApiGateway:
             intent = request()
         except stripe.StripeError as error:
             raise self._failure(error) from None
-        return PaymentIntent(
-            id=intent.id,
-            status=intent.status,
-            amount=intent.amount,
-            currency=intent.currency,
-            client_secret=intent.client_secret,
-            metadata=intent.metadata.to_dict() if intent.metadata else {},
-        )
+        return _intent(intent)
 
     def _failure(self, error: stripe.StripeError) -> ProviderFailure:
         """What failed, for the 502 and the order's timeline: never the API
