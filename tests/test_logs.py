@@ -21,11 +21,10 @@ import requests
 
 from payfleet.platform import logs
 from tests.conftest import ADMIN_TOKEN, eventually, free_port
+from tests.support.processes import Start, payfleet_processes
 from tests.support.shop import SECRET, deliver
 from tests.support.stripe_signing import sign_stripe_payload, stripe_event
 from tests.support.tcp_proxy import TcpProxy
-
-Start = Callable[..., tuple[subprocess.Popen[bytes], Path]]
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -114,32 +113,9 @@ def test_the_text_format_ends_with_the_known_context():
 
 @pytest.fixture
 def start(env: dict[str, str], tmp_path: Path) -> Iterator[Start]:
-    """`payfleet <args>` as a real process group, LOG_FORMAT=json, its stdout
-    and stderr kept in one file."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def run(*args: str, **extra_env: str) -> tuple[subprocess.Popen[bytes], Path]:
-        log = tmp_path / f"process-{len(started)}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "payfleet.cli", *args],
-                env={**os.environ, **env, "LOG_FORMAT": "json", "WEB_CONCURRENCY": "1", **extra_env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        started.append(process)
-        return process, log
-
-    yield run
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """`payfleet <args>` as a real process group, LOG_FORMAT=json."""
+    with payfleet_processes(env, tmp_path, LOG_FORMAT="json", WEB_CONCURRENCY="1") as run:
+        yield run
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:

@@ -4,11 +4,7 @@ one warning naming the port and the setting."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,43 +12,16 @@ import requests
 from sqlalchemy import text
 
 from tests.conftest import eventually, free_port, scalar
+from tests.support.processes import Start, payfleet_processes, stop
 from tests.support.shop import deliver
 from tests.support.stripe_signing import stripe_event
-
-Start = Callable[..., tuple[subprocess.Popen[bytes], Path]]
 
 
 @pytest.fixture
 def start(env: dict[str, str], tmp_path: Path) -> Iterator[Start]:
     """`payfleet <args>` as a real process group, its output kept in a file."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def run(*args: str, **extra_env: str) -> tuple[subprocess.Popen[bytes], Path]:
-        log = tmp_path / f"process-{len(started)}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "payfleet.cli", *args],
-                env={**os.environ, **env, **extra_env},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        started.append(process)
-        return process, log
-
-    yield run
-    for process in started:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    with payfleet_processes(env, tmp_path) as run:
+        yield run
 
 
 def _serves_metrics(port: int) -> bool:
@@ -80,7 +49,7 @@ def test_two_schedulers_on_one_metrics_port_both_keep_running(start, sessions):
     assert first.poll() is None and second.poll() is None
     # The second does a scheduler's work alone once the first is gone: it
     # relays a stored event nobody published.
-    _stop(first)
+    stop(first)
     _store_unpublished_event(sessions)
     eventually(lambda: scalar(sessions, "SELECT published_at FROM provider_events"), timeout=20)
     assert second.poll() is None
@@ -113,7 +82,7 @@ def test_two_workers_on_one_metrics_port_both_keep_running(start, client, sessio
     assert "Address already in use" not in log.read_text(errors="replace").replace(warnings[0], "")
     assert first.poll() is None and second.poll() is None
     # The second applies events alone once the first is gone.
-    _stop(first)
+    stop(first)
     body = stripe_event("customer.created", {"id": "cus_1", "object": "customer"})
     assert deliver(client, body).status_code == 200
     eventually(lambda: scalar(sessions, "SELECT status FROM provider_events") != "received", timeout=30)

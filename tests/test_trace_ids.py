@@ -9,11 +9,7 @@ handle the event carry it, and the provider sees it as X-Payfleet-Trace-Id."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +30,7 @@ from payfleet.platform.publishing import Publisher
 from schedules.relay import OutboxRelay
 from tests.conftest import ADMIN_TOKEN, eventually, free_port, scalar
 from tests.support.jobs import completed_order, job_runner, make_stale, run_job, stripe_order
+from tests.support.processes import payfleet_processes
 from tests.support.shop import ADMIN, deliver, intent_event, order, put_product, settle
 from tests.support.stripe_signing import stripe_event
 from workers.apply_events import declare_event_actors
@@ -289,31 +286,8 @@ def test_a_review_send_carries_its_runs_trace_id(client, sessions, settings, bro
 def fleet(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """`payfleet <args>` as real process groups with LOG_FORMAT=json; each
     returns the file its output goes to."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(*args: str) -> Path:
-        log = tmp_path / f"{args[0]}-{len(started)}.log"
-        with log.open("wb") as out:
-            started.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "payfleet.cli", *args],
-                    env={**os.environ, **env, "LOG_FORMAT": "json", "WEB_CONCURRENCY": "1"},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        return log
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    with payfleet_processes(env, tmp_path, LOG_FORMAT="json", WEB_CONCURRENCY="1") as run:
+        yield lambda *args: run(*args)[1]
 
 
 def json_lines(log: Path, trace_id: str) -> list[dict[str, Any]]:
