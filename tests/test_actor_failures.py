@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -20,13 +18,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from domain.models import Order, ReviewRequest
+from domain.models import ReviewRequest
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import load_settings
 from payfleet.platform.db import engine_for, make_sessions
 from payfleet.platform.publishing import APPLY_EVENT, SEND_REVIEW_REQUEST
 from tests.conftest import eventually, scalar
 from tests.fakes.monetbil_server import FakeMonetbil
+from tests.support.jobs import completed_order
 from tests.support.shop import (
     deliver,
     intent_event,
@@ -318,21 +317,8 @@ def test_the_time_limit_ends_an_attempt_waiting_on_a_slow_provider_and_counts_it
 
 def pending_review_request(sessions: sessionmaker[Session]) -> int:
     """A completed order's review request, waiting to be sent."""
-    order_id = uuid.uuid4()
+    order_id = completed_order(sessions, days_ago=8)
     with sessions.begin() as session:
-        completed = datetime.now(UTC) - timedelta(days=8)
-        session.add(
-            Order(
-                id=order_id,
-                status="completed",
-                currency="EUR",
-                total_amount=1500,
-                customer_phone="+33611111111",
-                expires_at=completed,
-                completed_at=completed,
-            )
-        )
-        session.flush()
         request = ReviewRequest(order_id=order_id, phone="+33611111111", status="pending", attempts=0)
         session.add(request)
         session.flush()
