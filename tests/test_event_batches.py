@@ -680,34 +680,6 @@ def test_without_a_linger_calls_run_side_by_side_in_their_own_threads_up_to_the_
     assert len(ran) < 5, f"the three late callers never shared a batch: {ran}"
 
 
-def test_with_a_linger_and_a_concurrency_of_two_the_callers_split_into_overlapping_batches():
-    # The worker's batches: while one commits, the other half of the
-    # threads gather the next, instead of all eight waiting for one.
-    lock = threading.Lock()
-    running, overlapped, sizes = 0, 0, []
-
-    def run_batch(keys: Sequence[int]) -> list[int]:
-        nonlocal running, overlapped
-        with lock:
-            running += 1
-            overlapped += running > 1
-            sizes.append(len(keys))
-        time.sleep(0.02)
-        with lock:
-            running -= 1
-        return [-key for key in keys]
-
-    group: GroupCommit[int, int] = GroupCommit(
-        run_batch, max_size=64, linger=0.005, name="test-pipelined", concurrency=2
-    )
-    answers = run_together(8, lambda t: [group.call(t * 10 + j) for j in range(10)])
-
-    assert answers == [[-(t * 10 + j) for j in range(10)] for t in range(8)]
-    assert sum(sizes) == 80
-    assert overlapped > 0, "no two batches ever ran at once"
-    assert max(sizes) <= 8 and sorted(sizes)[len(sizes) // 2] <= 5, sizes  # about half the callers each
-
-
 def test_a_batch_answering_the_wrong_number_of_results_fails_its_callers_instead_of_hanging():
     def run_batch(keys: Sequence[int]) -> list[int]:
         return [1] if len(keys) > 1 else [key * 2 for key in keys]

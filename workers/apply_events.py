@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 APPLY_BATCH_MAX = 64
 # How long a batch may wait for the process's other threads (see GroupCommit).
 APPLY_BATCH_LINGER = 0.005
-# Batches of a process in flight at once, each of a share of its threads
-# (see GroupCommit). With 2, one commits while the other's threads ack,
-# fetch and decode their next messages; see bench/README.md for why it is 1.
-APPLY_BATCH_CONCURRENCY = 1
 
 # The share of the actor's time limit an attempt's statements may use; the
 # rest is left to record the attempt before Dramatiq's TimeLimit interrupts.
@@ -104,11 +100,7 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
     # time are applied in one transaction: a handful of statements and one
     # commit for all of them instead of a dozen and one each.
     batches = GroupCommit(
-        apply_batch,
-        max_size=APPLY_BATCH_MAX,
-        linger=APPLY_BATCH_LINGER,
-        name="apply-events",
-        concurrency=APPLY_BATCH_CONCURRENCY,
+        apply_batch, max_size=APPLY_BATCH_MAX, linger=APPLY_BATCH_LINGER, name="apply-events"
     )
 
     def apply_grouped(event_id: int, deadline: float) -> tuple[str, MonetbilCheck | None]:

@@ -6,12 +6,8 @@ as one batch; each calling thread waits for its own result. With a `linger`,
 a batch waits up to that long for every thread seen calling lately: a
 worker's actor threads are back with their next message a moment after
 their batch ends, and without the wait they split into two half-size
-batches that take turns. With a linger and a `concurrency` of N, N threads
-run batches, each of about 1/N of the callers: while one batch commits,
-the callers of the one before are back with their next items and the next
-batch gathers, so the callers' own work and the batches' overlap. A batch
-that raises hands the error to each of its callers, who then do their work
-alone. Without a linger, a call that finds
+batches that take turns. A batch that raises hands the error to each of its
+callers, who then do their work alone. Without a linger, a call that finds
 fewer than `concurrency` batches running and none waiting runs in its
 caller's thread: two webhooks on two connections then commit side by side,
 as they would without the group, and only a crowd forms batches.
@@ -23,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from functools import partial
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -51,7 +46,7 @@ class GroupCommit(Generic[T, R]):
         self._queued: list[tuple[T, Future[R]]] = []
         self._callers: dict[int, float] = {}
         self._wakeup = threading.Condition()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         self._running = 0  # batches running now, in callers' threads or the group's
 
     def call(self, item: T) -> R:
@@ -61,11 +56,9 @@ class GroupCommit(Generic[T, R]):
         with self._wakeup:
             # Started on first use, in the process that uses it (Dramatiq
             # forks its worker processes after importing the actors).
-            self._threads = [thread for thread in self._threads if thread.is_alive()]
-            while len(self._threads) < (self._concurrency if self._linger > 0 else 1):
-                thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
-                self._threads.append(thread)
-                thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                self._thread.start()
             if self._linger > 0:
                 self._callers[threading.get_ident()] = time.monotonic()
             # Without a linger, a call that finds room and nothing waiting
@@ -90,30 +83,16 @@ class GroupCommit(Generic[T, R]):
 
     def _take(self) -> list[tuple[T, Future[R]]]:
         with self._wakeup:
-            while True:
-                # At most `concurrency` batches at a time: the next gathers while they run.
-                self._wakeup.wait_for(lambda: bool(self._queued) and self._running < self._concurrency)
-                size = self._batch_size()
-                if self._linger > 0:
-                    self._wakeup.wait_for(partial(self._gathered, size), timeout=self._linger)
-                # Another of the group's threads may have taken them meanwhile.
-                if self._queued and self._running < self._concurrency:
-                    batch, self._queued = self._queued[:size], self._queued[size:]
-                    self._running += 1
-                    return batch
-
-    def _batch_size(self) -> int:
-        """With a linger, the share of the recent callers each concurrent
-        batch waits for; without, whatever has queued."""
-        if self._linger <= 0:
-            return self._max_size
-        recent = time.monotonic() - _CALLER_SEEN_SECONDS
-        self._callers = {ident: seen for ident, seen in self._callers.items() if seen > recent}
-        share = -(-len(self._callers) // self._concurrency)
-        return max(1, min(share, self._max_size))
-
-    def _gathered(self, size: int) -> bool:
-        return len(self._queued) >= size
+            # At most `concurrency` batches at a time: the next gathers while they run.
+            self._wakeup.wait_for(lambda: bool(self._queued) and self._running < self._concurrency)
+            if self._linger > 0:
+                recent = time.monotonic() - _CALLER_SEEN_SECONDS
+                self._callers = {ident: seen for ident, seen in self._callers.items() if seen > recent}
+                expected = min(len(self._callers), self._max_size)
+                self._wakeup.wait_for(lambda: len(self._queued) >= expected, timeout=self._linger)
+            batch, self._queued = self._queued[: self._max_size], self._queued[self._max_size :]
+            self._running += 1
+            return batch
 
     def _serve(self) -> None:
         while True:
