@@ -139,16 +139,21 @@ def _expire_stale_orders(c: JobContext, run: StartedRun, counts: Counter[str]) -
             counts["listed"] += len(listed)
             in_flight.append(c.start_beside(partial(_expire_one, c, run.id, attention_after, listed), batch))
             if len(in_flight) > 1:
-                counts.update(sum((call.result() for call in in_flight.pop(0)), Counter()))
+                _count_results(in_flight.pop(0), counts)
             if len(batch) < EXPIRE_BATCH:
                 break
             after = batch[-1]
         while in_flight:
-            counts.update(sum((call.result() for call in in_flight.pop(0)), Counter()))
+            _count_results(in_flight.pop(0), counts)
     finally:
         for calls in in_flight:  # a failed run leaves no call of its own to start
             for call in calls:
                 call.cancel()
+
+
+def _count_results(calls: list[Future[Counter[str]]], counts: Counter[str]) -> None:
+    """Adds the calls' counts, all or (the first error raised) none."""
+    counts.update(sum((call.result() for call in calls), Counter()))
 
 
 def _expire_one(
