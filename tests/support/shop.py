@@ -101,7 +101,10 @@ def place(client: testing.TestClient, *lines: tuple[str, int]) -> tuple[str, str
 
 
 def settle(client: testing.TestClient, sessions: Any, body: bytes) -> int:
-    """Deliver a signed event, wait until the worker applied it; its row id."""
+    """Deliver a signed event, wait until the worker applied it and the
+    ingress marked it published; its row id. The mark follows the broker's
+    confirm and may land after the worker is done, so a test reading the
+    event right after the apply would race it."""
     answer = deliver(client, body)
     assert answer.status_code == 200, answer.text
     key = event_id_of(body)
@@ -109,9 +112,10 @@ def settle(client: testing.TestClient, sessions: Any, body: bytes) -> int:
     def done() -> Any:
         with sessions() as session:
             row = session.execute(
-                text("SELECT id, status, last_error FROM provider_events WHERE event_key = :k"), {"k": key}
+                text("SELECT id, status, last_error, published_at FROM provider_events WHERE event_key = :k"),
+                {"k": key},
             ).one()
-        return row if row.status != "received" else None
+        return row if row.status != "received" and row.published_at is not None else None
 
     row = eventually(done)
     assert row.status == "processed", f"event {key} ended {row.status}: {row.last_error}"
