@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ import requests
 
 from payfleet.platform import logs
 from tests.conftest import ADMIN_TOKEN, eventually, free_port
-from tests.support.processes import Start, payfleet_processes
+from tests.support.processes import Start, payfleet_processes, stop
 from tests.support.shop import SECRET, deliver
 from tests.support.stripe_signing import sign_stripe_payload, stripe_event
 from tests.support.tcp_proxy import TcpProxy
@@ -202,34 +200,17 @@ def test_a_rabbitmq_outage_is_one_warning_not_a_traceback_per_attempt(start, bro
     assert "Traceback" not in output
 
 
-def test_through_the_launcher_dramatiqs_own_processes_write_json_too(env, tmp_path):
-    """`python -m payfleet.platform.logs <dramatiq arguments>`: the supervisor
-    and the metrics fork process log JSON as well, not Dramatiq's text."""
-    log = tmp_path / "worker.log"
-    with log.open("wb") as out:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "payfleet.platform.logs",
-                "workers.main",
-                "--processes",
-                "1",
-                "--threads",
-                "1",
-            ],
-            env={**os.environ, **env, "LOG_FORMAT": "json", "WORKER_METRICS_PORT": str(free_port())},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def test_dramatiqs_own_processes_write_json_too(start):
+    """`payfleet worker` runs Dramatiq's supervisor in its own process: the
+    supervisor and the metrics fork process log JSON as well, not Dramatiq's
+    text."""
+    worker, log = start("worker", "--processes", "1", "--threads", "1", WORKER_METRICS_PORT=str(free_port()))
     try:
         eventually(
             lambda: "is ready for action" in log.read_text() and "Fork process" in log.read_text(), timeout=30
         )
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(20)
+        stop(worker)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     loggers = {line["logger"] for line in lines}
     assert {"dramatiq.MainProcess", "dramatiq.WorkerProcess(0)", "dramatiq.ForkProcess(0)"} <= loggers

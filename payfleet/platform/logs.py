@@ -312,10 +312,3 @@ def run_dramatiq(log_format: str, argv: list[str]) -> int:
     configure("worker", log_format, replace=True)
     return int(main(make_argument_parser().parse_args(argv)))  # type: ignore[no-untyped-call]
 
-
-if __name__ == "__main__":
-    # `python -m payfleet.platform.logs workers.main --processes N …`: what
-    # `payfleet worker` can exec in place of `python -m dramatiq …`.
-    from payfleet.platform.config import load_settings
-
-    sys.exit(run_dramatiq(load_settings().log_format, sys.argv[1:]))
