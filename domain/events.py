@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session
 
+from domain.bulk import any_of
 from domain.errors import (
     ConfirmationNeeded,
     Conflict,
@@ -97,7 +98,7 @@ _MARK_PUBLISHED = (
     .where(
         _EVENTS.c.id.in_(
             select(_EVENTS.c.id)
-            .where(_EVENTS.c.id.in_(bindparam("ids", expanding=True)))
+            .where(any_of(_EVENTS.c.id, "ids"))
             .order_by(_EVENTS.c.id)
             .with_for_update()
             .scalar_subquery()
@@ -290,10 +291,7 @@ _EVENT_COLUMNS = (
 _LOCK_EVENT = select(*_EVENT_COLUMNS).where(_EVENTS.c.id == bindparam("event_id")).with_for_update()
 # Sorted by id: two transactions given overlapping events lock them in one order.
 _LOCK_EVENTS = (
-    select(*_EVENT_COLUMNS)
-    .where(_EVENTS.c.id.in_(bindparam("event_ids", expanding=True)))
-    .order_by(_EVENTS.c.id)
-    .with_for_update()
+    select(*_EVENT_COLUMNS).where(any_of(_EVENTS.c.id, "event_ids")).order_by(_EVENTS.c.id).with_for_update()
 )
 _SETTLE = (
     update(_EVENTS)
@@ -459,7 +457,7 @@ _PAYMENT_BY_PROVIDER_ID = _PAYMENT.where(
 )
 _STRIPE_PAYMENTS = _PAYMENT.where(
     _PAYMENTS.c.provider == "stripe",
-    _PAYMENTS.c.provider_payment_id.in_(bindparam("intents", expanding=True)),
+    any_of(_PAYMENTS.c.provider_payment_id, "intents"),
 ).order_by(_PAYMENTS.c.id)
 _PAYMENT_BY_ID = _PAYMENT.where(
     _PAYMENTS.c.provider == bindparam("provider"), _PAYMENTS.c.id == bindparam("id")

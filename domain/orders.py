@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import carts, payments, stock
-from domain.bulk import BulkInsert
+from domain.bulk import BulkInsert, any_of
 from domain.errors import Conflict, InvalidRequest, NotFound, UnknownSku
 from domain.models import Order, OrderLine, OrderTransition, Payment, Product
 
@@ -144,7 +144,7 @@ _LINES = cast(Table, OrderLine.__table__)
 # Sorted by id: two transactions moving overlapping orders lock them in one order.
 _LOCK_ORDERS = (
     select(_ORDERS.c.id, _ORDERS.c.status)
-    .where(_ORDERS.c.id.in_(bindparam("order_ids", expanding=True)))
+    .where(any_of(_ORDERS.c.id, "order_ids"))
     .order_by(_ORDERS.c.id)
     .with_for_update()
 )

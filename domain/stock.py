@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from domain.bulk import BulkInsert
+from domain.bulk import BulkInsert, any_of
 from domain.errors import InsufficientStock, UnknownSku
 from domain.models import Order, Product, StockMovement, StockReservation
 
@@ -231,15 +231,12 @@ _CHANGE_MANY_UNITS = _units_update(_DELTAS.c.on_hand, _DELTAS.c.reserved).where(
     _PRODUCTS.c.sku == _DELTAS.c.sku
 )
 _LOCK_PRODUCTS = (
-    select(_PRODUCTS.c.sku)
-    .where(_PRODUCTS.c.sku.in_(bindparam("skus", expanding=True)))
-    .order_by(_PRODUCTS.c.sku)
-    .with_for_update()
+    select(_PRODUCTS.c.sku).where(any_of(_PRODUCTS.c.sku, "skus")).order_by(_PRODUCTS.c.sku).with_for_update()
 )
 _CLOSE_RESERVATIONS = (
     update(_RESERVATIONS)
     .where(
-        _RESERVATIONS.c.order_id.in_(bindparam("order_ids", expanding=True)),
+        any_of(_RESERVATIONS.c.order_id, "order_ids"),
         _RESERVATIONS.c.status == "active",
     )
     .values(status=bindparam("new_status"), closed_at=func.now())
