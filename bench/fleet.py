@@ -31,6 +31,8 @@ ADMIN_TOKEN = "bench-admin-token"
 WEBHOOK_SECRET = "whsec_bench"
 STRIPE_KEY = "sk_test_bench"
 BENCH_ROOT = Path(__file__).resolve().parent.parent
+# payfleet's own packages (pyproject.toml's packages.find).
+PACKAGES = ("payfleet", "ingress", "workers", "domain", "schedules")
 
 
 def free_port() -> int:
@@ -64,6 +66,14 @@ class Payfleet:
         if not command.exists():
             command = BENCH_ROOT / ".venv" / "bin" / "payfleet"
         return cls(base, command)
+
+    def compile(self) -> None:
+        """Write the sources' bytecode, as the image's `pip install .` does.
+        An editable checkout run with PYTHONDONTWRITEBYTECODE=1 (this machine
+        sets it) would otherwise compile payfleet's modules again in every
+        process it starts: ~0.3 s of each worker process's start."""
+        dirs = [str(self.root / name) for name in PACKAGES] + [str(BENCH_ROOT / "bench")]
+        subprocess.run([str(self.command.parent / "python"), "-m", "compileall", "-q", *dirs], check=True)
 
 
 @dataclass

@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [name for name in ORDER if name in (args.scenario or ORDER)]
     run_id = f"payfleet_bench_{os.getpid()}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{run_id}-"))
-    template = Template(Payfleet.at(args.payfleet_root), run_id, tmp)
+    payfleet = Payfleet.at(args.payfleet_root)
+    payfleet.compile()
+    template = Template(payfleet, run_id, tmp)
     print(f"bench {run_id}: scale {args.scale}, scenarios {', '.join(chosen)}, logs in {tmp}", flush=True)
     if not rabbit.management_available():
         print("note: RabbitMQ management API unreachable; publish counters are skipped", flush=True)
