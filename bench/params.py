@@ -15,6 +15,7 @@ class Params:
     ingest_rounds: int = 3  # each server measured this many times per connection count, alternately
     apply_events: int = 2000
     apply_skus: int = 50
+    apply_rounds: int = 3  # each variant and its no-op reference measured this many times, alternately
     expire_orders: int = 2000
     # Rate-limited or slow variants take N * 2 calls / rate seconds; they get fewer orders.
     expire_slow_orders: int = 500
@@ -39,6 +40,7 @@ def for_scale(scale: str) -> Params:
             ingest_rounds=1,
             apply_events=80,
             apply_skus=10,
+            apply_rounds=1,
             expire_orders=60,
             expire_slow_orders=20,
             expire_variants=((0, 100_000), (50, 100)),

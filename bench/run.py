@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--ingest-seconds", type=float)
     add("--ingest-rounds", type=int, help="rounds per server and connection count (default 3)")
     add("--apply-events", type=int)
+    add("--apply-rounds", type=int, help="rounds per apply variant and its no-op (default 3)")
     add("--expire-orders", type=int)
     add("--expire-slow-orders", type=int, help="orders of the rate-limited and 50 ms variants")
     add(
@@ -78,6 +79,7 @@ def _params(args: argparse.Namespace) -> Params:
             "ingest_seconds",
             "ingest_rounds",
             "apply_events",
+            "apply_rounds",
             "expire_orders",
             "expire_slow_orders",
             "expire_variants",
