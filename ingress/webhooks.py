@@ -5,7 +5,7 @@ from __future__ import annotations
 import falcon
 from prometheus_client import Counter
 
-from domain.events import monetbil_event_facts, stripe_event_facts
+from domain.events import EventFacts, monetbil_event_facts, stripe_event_facts
 from ingress import monetbil_signature, stripe_signature
 from ingress.parsing import parse_form, parse_json, read_body
 from payfleet.platform import logs
@@ -23,8 +23,7 @@ class StripeWebhook:
         stripe_signature.verify(payload, req.get_header("Stripe-Signature"), self._secrets, self._tolerance)
         facts = stripe_event_facts(parse_json(payload))
         # The lines logged while storing it carry the trace its worker's will.
-        with logs.log_context(trace_id=facts.trace_id):
-            duplicate = self._inbox.accept(facts)
+        duplicate = _accept(self._inbox, facts, req)
         WEBHOOKS.labels("stripe", "duplicate" if duplicate else "stored").inc()
         resp.media = {"received": True, "duplicate": duplicate}
 
@@ -39,8 +38,26 @@ class MonetbilWebhook:
         fields = parse_form(read_body(req, self._max_body))
         monetbil_signature.verify(fields, self._secret)
         facts = monetbil_event_facts(fields)
-        with logs.log_context(trace_id=facts.trace_id):
-            duplicate = self._inbox.accept(facts)
+        duplicate = _accept(self._inbox, facts, req)
         WEBHOOKS.labels("monetbil", "duplicate" if duplicate else "stored").inc()
         resp.content_type = falcon.MEDIA_TEXT
         resp.text = "received"
+
+
+def _accept(inbox: EventInbox, facts: EventFacts, req: falcon.Request) -> bool:
+    """Store the event; the request's access line names it: its provider and
+    key, the stored row's id, whether this delivery was a duplicate, and the
+    trace id its worker's lines will carry. A duplicate's stored event keeps
+    the trace of its first delivery, so the line gives no trace id then."""
+    # The lines logged while storing it carry the trace its worker's will.
+    with logs.log_context(trace_id=facts.trace_id):
+        event_id, duplicate = inbox.accept(facts)
+    logs.add_access_fields(
+        req.env,
+        provider=facts.provider,
+        event_key=facts.event_key,
+        event_id=event_id,
+        duplicate=duplicate,
+        trace_id=None if duplicate else facts.trace_id,
+    )
+    return duplicate

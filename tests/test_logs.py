@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,9 @@ from tests.support.processes import Start, payfleet_processes, stop
 from tests.support.shop import SECRET, deliver
 from tests.support.stripe_signing import sign_stripe_payload, stripe_event
 from tests.support.tcp_proxy import TcpProxy
+
+# A trace id payfleet makes for an event no request id came with.
+FRESH_TRACE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -149,6 +153,30 @@ def test_ingress_error_and_access_logs_are_json(start):
     assert isinstance(access[0]["duration_ms"], int)
     booted = _find(log, lambda line: line["logger"] == "gunicorn.error")
     assert booted and all(line["process"] == "ingress" for line in booted)
+
+
+def test_a_webhooks_access_line_names_its_event(start):
+    """One line per webhook: its access line carries the stored event's id
+    and key, whether the delivery was a duplicate, and the trace id the
+    worker's lines will carry; a duplicate's gives no trace (its stored
+    event keeps its first delivery's), and no other line is written."""
+    port = free_port()
+    _, log = start("ingress", "--bind", f"127.0.0.1:{port}")
+    base = f"http://127.0.0.1:{port}"
+    eventually(lambda: _post(base, "evt_logged") == 200, timeout=30, interval=0.2)
+    assert _post(base, "evt_logged") == 200
+
+    def webhook_lines() -> list[dict[str, Any]]:
+        lines = _find(log, lambda line: line.get("path") == "/webhooks/stripe")
+        return lines if len(lines) == 2 else []
+
+    first, second = eventually(webhook_lines)
+    assert first["logger"] == second["logger"] == "gunicorn.access"
+    assert (first["status"], first["provider"], first["event_key"]) == ("200", "stripe", "evt_logged")
+    assert (first["duplicate"], second["duplicate"]) == (False, True)
+    assert isinstance(first["event_id"], int) and second["event_id"] == first["event_id"]
+    assert FRESH_TRACE.match(first["trace_id"]) and "trace_id" not in second
+    assert not _find(log, lambda line: "evt_logged" in line["msg"])
 
 
 def test_scheduler_lines_are_json(start):

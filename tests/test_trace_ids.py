@@ -342,9 +342,12 @@ def test_one_monetbil_payment_is_followed_by_its_trace_id_through_logs_and_provi
     [trace] = shown["trace_ids"]
     assert FRESH.match(trace)
 
-    # The ingress's line for the stored callback, the worker's for applying it.
-    stored = eventually(lambda: json_lines(ingress_log, trace))
-    assert stored[0]["process"] == "ingress" and "stored as event" in stored[0]["msg"]
+    # The ingress's access line for the stored callback, the worker's for applying it.
+    stored = eventually(
+        lambda: [line for line in json_lines(ingress_log, trace) if line["logger"] == "gunicorn.access"]
+    )
+    assert stored[0]["process"] == "ingress" and stored[0]["path"] == "/webhooks/monetbil"
+    assert (stored[0]["provider"], stored[0]["duplicate"]) == ("monetbil", False)
     applied = eventually(lambda: json_lines(worker_log, trace), timeout=30)
     assert {line["process"] for line in applied} == {"worker"}
     assert all(line["event_id"] == stored[0]["event_id"] for line in applied)

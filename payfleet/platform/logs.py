@@ -73,9 +73,22 @@ class ContextFields(logging.Filter):
         return True
 
 
+# The WSGI environ key under which a request's handler leaves fields for its
+# access line (gunicorn passes the environ to the access log as `{key}e`
+# atoms, the key lowercased).
+_ACCESS_FIELDS = "payfleet.access_fields"
+
+
+def add_access_fields(environ: dict[str, Any], **fields: object) -> None:
+    """Fields for the request's access line, where its handler has facts worth
+    one line per request (a webhook's event); None values are left out."""
+    environ.setdefault(_ACCESS_FIELDS, {}).update({k: v for k, v in fields.items() if v is not None})
+
+
 class AccessFields(logging.Filter):
     """gunicorn's access records carry their atoms as the record's args: the
-    JSON line gets them as fields of their own, not only inside `msg`."""
+    JSON line gets them as fields of their own, not only inside `msg`, and
+    the fields the request's handler added (add_access_fields)."""
 
     ATOMS: ClassVar[dict[str, str]] = {
         "m": "method",
@@ -90,6 +103,9 @@ class AccessFields(logging.Filter):
         if isinstance(atoms, Mapping):
             for atom, field in self.ATOMS.items():
                 setattr(record, field, atoms.get(atom))
+            added = atoms.get(f"{{{_ACCESS_FIELDS}}}e")
+            for field, value in (added if isinstance(added, dict) else {}).items():
+                setattr(record, field, value)
         return True
 
 
@@ -311,4 +327,3 @@ def run_dramatiq(log_format: str, argv: list[str]) -> int:
 
     configure("worker", log_format, replace=True)
     return int(main(make_argument_parser().parse_args(argv)))  # type: ignore[no-untyped-call]
-
