@@ -70,15 +70,16 @@ _RECORD = (
 _FIND = select(_EVENTS.c.id).where(
     _EVENTS.c.provider == bindparam("provider"), _EVENTS.c.event_key == bindparam("event_key")
 )
-# Many events in one statement, their fields as arrays (see domain.bulk).
+# Many events in one statement, sent as one JSON array of objects: a text[]
+# of payloads made psycopg escape every quote of every payload in Python
+# (re.sub with a template per match: 6-8 % of the ingress's time at 16
+# connections), where one json.dumps of the batch runs in C.
 _RECORD_MANY = text(
     "INSERT INTO provider_events"
     " (provider, event_key, event_type, provider_payment_id, payload, status, attempts, trace_id)"
-    " SELECT provider, event_key, event_type, payment_id, CAST(payload AS jsonb), 'received', 0, trace_id"
-    " FROM unnest(CAST(:providers AS varchar[]), CAST(:event_keys AS varchar[]),"
-    " CAST(:event_types AS varchar[]), CAST(:payment_ids AS varchar[]), CAST(:payloads AS text[]),"
-    " CAST(:trace_ids AS varchar[]))"
-    " AS event (provider, event_key, event_type, payment_id, payload, trace_id)"
+    " SELECT provider, event_key, event_type, payment_id, payload, 'received', 0, trace_id"
+    " FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS event (provider varchar, event_key varchar,"
+    " event_type varchar, payment_id varchar, payload jsonb, trace_id varchar)"
     # One insertion order for every batch: two batches committing side by
     # side with the same keys then wait on each other, never in a cycle.
     " ORDER BY provider, event_key"
@@ -142,15 +143,22 @@ def record_events(db: Session | Connection, batch: Sequence[EventFacts]) -> list
     if len(batch) == 1:
         return [record_event(db, batch[0])]  # plain parameters cost less than arrays of one
     connection = _connection(db)
-    rows = {
-        "providers": [facts.provider for facts in batch],
-        "event_keys": [facts.event_key for facts in batch],
-        "event_types": [facts.event_type for facts in batch],
-        "payment_ids": [facts.provider_payment_id for facts in batch],
-        "payloads": [json.dumps(facts.payload) for facts in batch],
-        "trace_ids": [facts.trace_id for facts in batch],
+    events = json.dumps(
+        [
+            {
+                "provider": facts.provider,
+                "event_key": facts.event_key,
+                "event_type": facts.event_type,
+                "payment_id": facts.provider_payment_id,
+                "payload": facts.payload,
+                "trace_id": facts.trace_id,
+            }
+            for facts in batch
+        ]
+    )
+    inserted = {
+        (row.provider, row.event_key): row.id for row in connection.execute(_RECORD_MANY, {"events": events})
     }
-    inserted = {(row.provider, row.event_key): row.id for row in connection.execute(_RECORD_MANY, rows)}
     known = dict(inserted)
     if missing := sorted({(facts.provider, facts.event_key) for facts in batch} - inserted.keys()):
         keys = {"providers": [provider for provider, _ in missing], "event_keys": [key for _, key in missing]}

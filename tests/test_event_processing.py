@@ -16,7 +16,7 @@ from typing import Any
 import pika
 from sqlalchemy import text
 
-from domain.events import apply_event, record_event, stripe_event_facts
+from domain.events import EventFacts, apply_event, record_event, record_events, stripe_event_facts
 from domain.stock import release
 from payfleet.platform.broker import build_broker
 from payfleet.platform.publishing import Publisher
@@ -464,6 +464,43 @@ def test_one_event_published_twice_is_applied_once(client, sessions, settings, w
     assert statuses(client, order_id) == ("paid", "succeeded")
     assert_sold_once(sessions, order_id)
     assert event_row(sessions, event_id)["attempts"] == 1
+
+
+def test_events_stored_together_are_each_stored_once_with_their_own_fields(sessions):
+    """The ingress's group commit stores a crowd's events in one statement:
+    each gets a row with its own fields and payload (quotes, backslashes and
+    all), a key given twice in the batch is stored once and is a duplicate
+    the second time, and a key stored before is a duplicate."""
+    payload = {"id": "evt_b", "note": 'a "quote", a \\ backslash, ünïcode', "nested": {"n": [1, 2.5, None]}}
+    earlier = EventFacts("stripe", "evt_a", "customer.created", None, {"id": "evt_a"})
+    with sessions() as session:
+        earlier_id, _ = record_event(session, earlier)
+        session.commit()
+    batch = [
+        EventFacts("stripe", "evt_b", "payment_intent.succeeded", "pi_1", payload, trace_id="t" * 32),
+        earlier,
+        EventFacts("monetbil", "evt_b", "payment", None, {"amount": "500"}),
+        EventFacts("stripe", "evt_b", "payment_intent.succeeded", "pi_1", payload),
+    ]
+    with sessions() as session:
+        answers = record_events(session, batch)
+        session.commit()
+
+    assert [duplicate for _, duplicate in answers] == [False, True, False, True]
+    ids = [event_id for event_id, _ in answers]
+    assert ids[1] == earlier_id and ids[3] == ids[0] and len({ids[0], ids[1], ids[2]}) == 3
+    with sessions() as session:
+        rows = session.execute(
+            text(
+                "SELECT id, provider, event_key, event_type, provider_payment_id, payload, trace_id, status"
+                " FROM provider_events ORDER BY id"
+            )
+        ).all()
+    stored = {row.id: tuple(row)[1:] for row in rows}
+    assert len(stored) == 3
+    paid = ("stripe", "evt_b", "payment_intent.succeeded", "pi_1", payload, "t" * 32, "received")
+    assert stored[ids[0]] == paid
+    assert stored[ids[2]][:6] == ("monetbil", "evt_b", "payment", None, {"amount": "500"}, batch[2].trace_id)
 
 
 # --- found while testing (fails: see the docstring) ---------------------------------
