@@ -155,23 +155,34 @@ class StripeApiGateway:
 
     def list_payment_intents(self, *, created_gte: int) -> Iterator[PaymentIntent]:
         """Every PaymentIntent created at or after `created_gte` (Unix time),
-        newest first; the library fetches the pages as they are consumed."""
+        newest first; the pages are fetched as they are consumed."""
         return self._list({"created": {"gte": created_gte}, "limit": 100})
 
     def list_payment_intents_after(self, intent_id: str) -> Iterator[PaymentIntent]:
-        """The PaymentIntents created after `intent_id`, oldest first (the
-        library pages backwards from it as they are consumed)."""
+        """The PaymentIntents created after `intent_id`, oldest first (paged
+        backwards from it as they are consumed)."""
         return self._list({"ending_before": intent_id, "limit": 100})
 
     def _list(self, params: dict[str, Any]) -> Iterator[PaymentIntent]:
         if not self._configured:
             raise ProviderFailure("Stripe is not configured (STRIPE_API_KEY is empty)", "unconfigured")
+        # Paged here, not by the library's auto-paging, which fetches later
+        # pages without the call's options: each page's request carries the
+        # trace header. Onward from a page's last item, or, with
+        # `ending_before`, backwards from its first, each such page (newest
+        # first, as Stripe sends it) read oldest first, as the library does.
+        backwards = "ending_before" in params
         try:
-            # The first page's request carries the trace header; the library
-            # fetches later pages without the call's options.
-            pages = self._client.v1.payment_intents.list(params=params, options=_stripe_options())  # type: ignore[arg-type]
-            for intent in pages.auto_paging_iter():
-                yield _intent(intent)
+            while True:
+                page = self._client.v1.payment_intents.list(params=params, options=_stripe_options())  # type: ignore[arg-type]
+                for intent in reversed(page.data) if backwards else page.data:
+                    yield _intent(intent)
+                if not page.has_more or not page.data:
+                    return
+                if backwards:
+                    params = {**params, "ending_before": page.data[0].id}
+                else:
+                    params = {**params, "starting_after": page.data[-1].id}
         except stripe.StripeError as error:
             raise self._failure(error) from None
 

@@ -24,7 +24,7 @@ from dramatiq.broker import Broker, MessageProxy
 from sqlalchemy import text
 
 from domain.events import EventFacts, record_event
-from domain.gateways import TRACE_HEADER
+from domain.gateways import TRACE_HEADER, StripeApiGateway, trace_calls, untrace_calls
 from payfleet.platform.broker import build_broker
 from payfleet.platform.publishing import Publisher
 from schedules.relay import OutboxRelay
@@ -247,6 +247,27 @@ def test_a_jobs_stripe_calls_carry_its_runs_trace_id(client, sessions, settings,
     # provider-call threads): every one names the run.
     assert {(r.method, r.path.count("/cancel")) for r in calls} >= {("GET", 0), ("POST", 1)}
     assert [r.header(TRACE_HEADER) for r in calls] == [run["trace_id"]] * len(calls)
+
+
+def test_every_page_of_a_stripe_listing_carries_the_trace_id(fake_stripe):
+    """A listing longer than a page (100) is fetched page by page, onward or
+    backwards from an intent; each page's request names the trace, not only
+    the first, and the intents come in the order the docstrings promise."""
+    ids = [fake_stripe.add_payment_intent(created=1_700_000_000 + i)["id"] for i in range(230)]
+    gateway = StripeApiGateway("sk_test_trace", str(fake_stripe.base_url))
+    fake_stripe.clear_requests()
+    token = trace_calls("req_listing")
+    try:
+        newest_first = [intent.id for intent in gateway.list_payment_intents(created_gte=0)]
+        oldest_first = [intent.id for intent in gateway.list_payment_intents_after(ids[9])]
+    finally:
+        untrace_calls(token)
+
+    assert newest_first == ids[::-1]
+    assert oldest_first == ids[10:]
+    pages = fake_stripe.requests
+    assert len(pages) == 3 + 3
+    assert [page.header(TRACE_HEADER) for page in pages] == ["req_listing"] * len(pages)
 
 
 def test_a_manual_run_has_its_own_trace_id_in_its_message(client, broker_url):
