@@ -22,7 +22,6 @@ class StripeWebhook:
         payload = read_body(req, self._max_body)
         stripe_signature.verify(payload, req.get_header("Stripe-Signature"), self._secrets, self._tolerance)
         facts = stripe_event_facts(parse_json(payload))
-        # The lines logged while storing it carry the trace its worker's will.
         duplicate = _accept(self._inbox, facts, req)
         WEBHOOKS.labels("stripe", "duplicate" if duplicate else "stored").inc()
         resp.media = {"received": True, "duplicate": duplicate}

@@ -31,7 +31,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     # Dramatiq's supervisor runs in this process, which has already imported
     # much of what its forked worker processes need: no second interpreter
     # start and no second import of the settings, logs and broker modules
-    # (an exec into `python -m dramatiq` cost ~0.2 s of a worker's start).
+    # (the exec into `python -m payfleet.platform.logs` it replaces cost
+    # ~0.2 s of a worker's start).
     # The worker's metrics exporter (workers/metrics.py) reads its port and
     # host from the settings itself.
     argv = [

@@ -151,7 +151,7 @@ class EventInbox:
         """Store an event (committed when this returns) and have it published;
         returns its row id and whether it was a duplicate. The webhook's
         access line says which (ingress/webhooks.py): a line of its own per
-        webhook cost a tenth of the ingress's time per request."""
+        webhook was 6 % of the ingress's time at 16 connections."""
         try:
             event_id, duplicate = self._stores.call(facts)
         except Exception:
