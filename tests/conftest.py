@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -129,9 +130,12 @@ def env(
     fake_stripe: FakeStripe,
     fake_monetbil: FakeMonetbil,
     fake_whatsapp: FakeWhatsApp,
+    tmp_path: Path,
 ) -> dict[str, str]:
     """The environment a payfleet process gets in tests: short retry delays
-    and relay grace, so failure paths finish in seconds."""
+    and relay grace, so failure paths finish in seconds, and a worker
+    metrics directory of the test's own (Dramatiq's default in /tmp keeps
+    every earlier run's counts)."""
     return {
         **process_env(database_url, broker_url, fake_stripe.base_url, fake_monetbil.base_url),
         "EVENT_RETRY_DELAYS_SECONDS": "0.2,0.4",
@@ -145,6 +149,7 @@ def env(
         "WHATSAPP_FROM": SENDER,
         "NOTIFICATION_RETRY_DELAYS_SECONDS": "0.2,0.4",
         "NOTIFICATION_MAX_ATTEMPTS": "3",
+        "dramatiq_prom_db": str(tmp_path / "worker-metrics"),
     }
 
 

@@ -88,3 +88,24 @@ def test_two_workers_on_one_metrics_port_both_keep_running(start, client, sessio
     eventually(lambda: scalar(sessions, "SELECT status FROM provider_events") != "received", timeout=30)
     assert scalar(sessions, "SELECT status FROM provider_events") == "ignored"
     assert second.poll() is None
+
+
+def _scrape(port: int) -> str:
+    return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+def test_a_worker_exports_the_messages_its_processes_handled(start, client, sessions):
+    # Each worker process writes its counts to prometheus-client's
+    # multiprocess files only if it first imported prometheus-client after
+    # Dramatiq's middleware pointed it there: imported any earlier (in the
+    # supervisor before it forks, say), the counts stay in the process and
+    # the exporter serves none. The test's own metrics directory (see env)
+    # holds no earlier run's counts.
+    port = str(free_port())
+    start("worker", "--processes", "2", "--threads", "2", WORKER_METRICS_PORT=port)
+    body = stripe_event("customer.created", {"id": "cus_1", "object": "customer"})
+    assert deliver(client, body).status_code == 200
+    eventually(lambda: scalar(sessions, "SELECT status FROM provider_events") == "ignored", timeout=30)
+
+    counted = 'dramatiq_messages_total{actor_name="apply_event",queue_name="payments"} 1.0'
+    assert eventually(lambda: _serves_metrics(int(port)) and counted in _scrape(int(port)), timeout=10)
