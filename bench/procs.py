@@ -70,17 +70,29 @@ class ProcessGroup:
 
 
 def stop_group(popen: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM to the process group, then SIGKILL to whatever is left."""
-    if popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(popen.pid, signal.SIGTERM)
+    stop_groups([popen], grace)
+
+
+def stop_groups(popens: Sequence[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM to each group's leader, as a container runtime or an init
+    sends it, then SIGKILL to whatever is left of each group. The leader
+    stops its own children: Dramatiq's supervisor forwards the signal,
+    gunicorn's master stops its workers. Signalled by the group as well, a
+    Dramatiq worker process would be told twice and exit at once instead of
+    finishing the messages it holds."""
+    for popen in popens:
+        if popen.poll() is None:
+            popen.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for popen in popens:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(grace)
-    # The leader may be gone while forks of it live on in its group.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(popen.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        popen.wait(5)
+            popen.wait(max(0.1, deadline - time.monotonic()))
+    for popen in popens:
+        # The leader may be gone while forks of it live on in its group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(5)
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from falcon import testing
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.procs import stop_groups
 from domain.models import Base
 from ingress.app import Collaborators, collaborators, create_app
 from payfleet.platform.broker import build_broker
@@ -253,21 +253,13 @@ def spawn(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[bytes]
         process = subprocess.Popen(
             [sys.executable, "-m", "payfleet.cli", *args],
             env={**os.environ, **env, "WEB_CONCURRENCY": "2"},
-            start_new_session=True,  # its own process group: killed whole below
+            start_new_session=True,  # its own process group: what is left of it is killed below
         )
         started.append(process)
         return process
 
     yield start
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in started:
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_groups(started, 20)
 
 
 @pytest.fixture

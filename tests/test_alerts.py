@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
 
+from bench.procs import stop_group
 from domain.models import ScheduledRun
 from schedules.fleet_gauges import FleetGauges
 from tests.conftest import eventually, free_port
@@ -182,5 +182,4 @@ def test_the_scheduler_exports_the_fleet_gauges(env, client, sessions):
         assert samples["payfleet_orders_needing_attention"] == 1
         assert samples['payfleet_job_runs_total{job="expire-stale-orders",state="failed"}'] == 1
     finally:
-        os.killpg(scheduler.pid, signal.SIGTERM)
-        scheduler.wait(20)
+        stop_group(scheduler, 20)

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN, eventually, free_port
+from tests.support.processes import kill_up, payfleet_processes, stop
 from tests.support.shop import SECRET, intent_event
 from tests.support.stripe_signing import sign_stripe_payload
 
@@ -86,22 +87,57 @@ def test_events_taken_while_the_worker_is_dead_are_applied_once_after_restart(in
     assert (product["on_hand"], product["reserved"]) == (7, 0)
 
 
-def test_up_runs_the_fleet_and_stops_cleanly_on_ctrl_c(env):
+@pytest.mark.parametrize(
+    "interrupt",
+    [
+        pytest.param(lambda up: os.killpg(up.pid, signal.SIGINT), id="ctrl-c-in-a-terminal"),
+        pytest.param(lambda up: up.send_signal(signal.SIGINT), id="sigint-to-up-alone"),
+        pytest.param(lambda up: up.send_signal(signal.SIGTERM), id="sigterm-to-up-alone"),
+    ],
+)
+def test_up_runs_the_fleet_and_stops_cleanly(env, tmp_path, interrupt):
+    # A terminal's Ctrl-C reaches every process of its foreground group, not
+    # just `up`. Each of up's children must still see one stop signal: a
+    # second one makes Dramatiq's supervisor forward it again, and a worker
+    # process told twice exits at once ("Killing worker process…") instead
+    # of finishing the messages it holds.
     port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "payfleet.cli", "up", "--bind", f"127.0.0.1:{port}", "--processes", "1"],
-        env={**os.environ, **env},
-        start_new_session=True,
-    )
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "payfleet.cli", "up", "--bind", f"127.0.0.1:{port}", "--processes", "2"],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         eventually(lambda: _healthy(f"http://127.0.0.1:{port}"), timeout=30, interval=0.2)
-        up.send_signal(signal.SIGINT)
-        assert up.wait(40) == 0
+        eventually(lambda: log.read_text().count("Worker process is ready for action") == 2, timeout=30)
+        interrupt(up)
+        assert up.wait(40) == 0, log.read_text()[-3000:]
     finally:
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+            kill_up(up)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    text = log.read_text()
+    assert "Killing worker process" not in text
+    assert text.count("Stopping worker process") == 2
+
+
+def test_a_worker_told_to_stop_stops_its_processes_once_and_exits_0(env, tmp_path):
+    # SIGTERM to `payfleet worker` alone, as compose (tini) or an init sends
+    # it: Dramatiq's supervisor forwards it once to each worker process,
+    # which finishes what it holds and exits.
+    with payfleet_processes(env, tmp_path) as start:
+        worker, log = start("worker", "--processes", "2", "--threads", "2")
+        eventually(lambda: log.read_text().count("Worker process is ready for action") == 2, timeout=30)
+        stop(worker)
+    assert worker.returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count("Stopping worker process") == 2
+    assert "Killing worker process" not in text
 
 
 def _healthy(base: str) -> bool:

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN, eventually, free_port
+from tests.support.processes import kill_up
 
 pytestmark = pytest.mark.e2e
 
@@ -88,8 +89,7 @@ def fleet(database_url: str, broker_url: str, tmp_path_factory: pytest.TempPathF
             try:
                 up.wait(40)
             except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+                kill_up(up)
 
 
 def _answers(url: str) -> bool:

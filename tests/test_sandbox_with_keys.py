@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from tests.conftest import eventually, free_port
+from tests.support.processes import kill_up
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +48,5 @@ def test_up_with_keys_starts_no_sandbox(env, tmp_path):
         assert up.wait(40) == 0
     finally:
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+            kill_up(up)
     assert "sandbox providers" not in log.read_text()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pika
 import pytest
 from sqlalchemy import text
 
+from bench.procs import stop_groups
 from payfleet.platform.broker import build_broker
 from payfleet.platform.config import job_table, load_settings
 from payfleet.platform.publishing import Publisher
@@ -303,10 +303,7 @@ def test_two_scheduler_processes_enqueue_every_slot_exactly_once(env, sessions, 
             timeout=30,
         )
     finally:
-        for process in schedulers:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in schedulers:
-            process.wait(20)
+        stop_groups(schedulers, 20)
     with sessions() as session:
         runs = session.execute(
             text(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -66,20 +67,27 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
     Monetbil and runs beside them, so the whole payment path can be seen."""
     _migrate(settings, args)
     me = [sys.executable, "-m", "payfleet.cli"]
-    children = []
+    commands = []
     env = None  # the children inherit this environment
     if sandbox.wanted(settings.stripe_api_key, settings.monetbil_service_key):
         print(sandbox.NOTICE, flush=True)
         env = child_environment(_sandbox_settings(settings, args.bind))
-        sandbox_command = [*me, "sandbox", "--webhook-url", _local_url(args.bind)]
-        children.append(subprocess.Popen(sandbox_command, env=env))
-    children += [
-        subprocess.Popen([*me, "ingress", "--bind", args.bind], env=env),
-        subprocess.Popen(
-            [*me, "worker", "--processes", str(args.processes), "--threads", str(args.threads)], env=env
-        ),
-        subprocess.Popen([*me, "scheduler"], env=env),
+        commands.append([*me, "sandbox", "--webhook-url", _local_url(args.bind)])
+    commands += [
+        [*me, "ingress", "--bind", args.bind],
+        [*me, "worker", "--processes", str(args.processes), "--threads", str(args.threads)],
+        [*me, "scheduler"],
     ]
+    # The children (and the processes they fork) share one process group of
+    # their own, not up's: a terminal's Ctrl-C, which signals its whole
+    # foreground group, then reaches `up` alone, and `up` tells each child
+    # once. Told twice, Dramatiq's supervisor forwards the second signal too,
+    # and a worker process told twice exits at once instead of finishing the
+    # messages it holds.
+    children: list[subprocess.Popen[bytes]] = []
+    for command in commands:
+        group = children[0].pid if children else 0
+        children.append(subprocess.Popen(command, env=env, process_group=group))
     stopping = False
 
     def stop(*_: object) -> None:
@@ -119,6 +127,9 @@ def _stop_all(children: Sequence[subprocess.Popen[bytes]]) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    # Whatever a child forked and left behind (it was killed, say) goes too.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(children[0].pid, signal.SIGKILL)
     return max((abs(child.returncode or 0) for child in children), default=0)
 
 

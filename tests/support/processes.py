@@ -1,9 +1,10 @@
 """payfleet's own processes started by a test: `payfleet <args>` as a real
 process group, its stdout and stderr kept in one file, stopped at the end
-(SIGTERM to the group, then SIGKILL)."""
+(SIGTERM to its leader, then SIGKILL to the group; see bench.procs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from bench.procs import stop_group
 
 Process = subprocess.Popen[bytes]
 Start = Callable[..., tuple[Process, Path]]
@@ -44,10 +47,16 @@ def payfleet_processes(env: Mapping[str, str], logs: Path, **defaults: str) -> I
 
 
 def stop(process: Process) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_group(process, 20)
+
+
+def kill_up(up: Process) -> None:
+    """SIGKILL `payfleet up` and all it started: its children run in a
+    process group of their own, not up's (payfleet/cli/fleet.py)."""
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(int(child)), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(up.pid, signal.SIGKILL)
+    up.wait()
