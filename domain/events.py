@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session
 
-from domain.bulk import any_of
+from domain.bulk import Write, any_of
 from domain.errors import (
     ConfirmationNeeded,
     Conflict,
@@ -32,7 +32,7 @@ from domain.errors import (
 )
 from domain.gateways import MonetbilCheck
 from domain.models import Payment, ProviderEvent
-from domain.orders import PaymentChange, apply_payment_changes, apply_payment_status
+from domain.orders import PaymentChange, apply_payment_status, plan_payment_changes
 
 
 @dataclass(frozen=True)
@@ -397,10 +397,11 @@ def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
         verdicts[event.id] = ("processed", payment.id)
         reason = f"{event.provider} {event.event_type}"
         changes.append(PaymentChange(payment, target.status, reason, event.id, target.final))
-    declined = {change.event_id for change in apply_payment_changes(session, changes, batched=True)}
+    plan = plan_payment_changes(session, changes, batched=True)
+    declined = {change.event_id for change in plan.declined}
     verdicts = {event_id: verdict for event_id, verdict in verdicts.items() if event_id not in declined}
-    if verdicts:
-        _settle_many(session, verdicts)
+    # The verdicts go in the same statement as the payments' own writes.
+    plan.write(session, *([_settle_many(verdicts)] if verdicts else []))
     return settled | {event_id: status for event_id, (status, _) in verdicts.items()}
 
 
@@ -432,22 +433,22 @@ def _settle(
     return status
 
 
-def _settle_many(session: Session, verdicts: dict[int, tuple[str, uuid.UUID | None]]) -> None:
-    """_settle for many events, in one statement: {event id: (status, payment id)}."""
+def _settle_many(verdicts: dict[int, tuple[str, uuid.UUID | None]]) -> Write:
+    """_settle for many events, as one write: {event id: (status, payment id)}."""
     params = {
-        "ids": list(verdicts),
-        "statuses": [status for status, _ in verdicts.values()],
-        "payment_ids": [payment_id for _, payment_id in verdicts.values()],
+        "verdict_ids": list(verdicts),
+        "verdict_statuses": [status for status, _ in verdicts.values()],
+        "verdict_payment_ids": [payment_id for _, payment_id in verdicts.values()],
     }
-    session.connection().execute(_SETTLE_MANY, params)
+    return Write(_SETTLE_MANY, params)
 
 
-# One UPDATE for a batch's verdicts, passed as arrays (see orders._SET_PAYMENTS).
-_SETTLE_MANY = text(
+# One UPDATE for a batch's verdicts, passed as arrays (see orders._SetStatuses).
+_SETTLE_MANY = (
     "UPDATE provider_events SET status = verdict.status, processed_at = now(), attempts = attempts + 1,"
     " payment_id = coalesce(verdict.payment_id, provider_events.payment_id)"
-    " FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:payment_ids AS uuid[]))"
-    " AS verdict (id, status, payment_id)"
+    " FROM unnest(CAST(:verdict_ids AS bigint[]), CAST(:verdict_statuses AS text[]),"
+    " CAST(:verdict_payment_ids AS uuid[])) AS verdict (id, status, payment_id)"
     " WHERE provider_events.id = verdict.id"
 )
 

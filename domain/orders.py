@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, TextClause, bindparam, select, text
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import carts, payments, stock
-from domain.bulk import BulkInsert, any_of
+from domain.bulk import BulkInsert, Write, any_of, write_together
 from domain.errors import Conflict, InvalidRequest, NotFound, UnknownSku
 from domain.models import Order, OrderLine, OrderTransition, Payment, Product
 
@@ -150,18 +150,24 @@ _LOCK_ORDERS = (
 )
 
 
-def _set_statuses(table: str) -> TextClause:
+class _SetStatuses:
     """One UPDATE for every row of a kind, the new statuses passed as arrays
     (an executemany costs a statement's work per row, client and server)."""
-    return text(
-        f"UPDATE {table} SET status = moved.status, updated_at = now()"
-        " FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[])) AS moved (id, status)"
-        f" WHERE {table}.id = moved.id"
-    )
+
+    def __init__(self, table: str) -> None:
+        self._ids, self._statuses = f"{table}_ids", f"{table}_statuses"
+        self._sql = (
+            f"UPDATE {table} SET status = moved.status, updated_at = now()"
+            f" FROM unnest(CAST(:{self._ids} AS uuid[]), CAST(:{self._statuses} AS text[]))"
+            f" AS moved (id, status) WHERE {table}.id = moved.id"
+        )
+
+    def write(self, moves: dict[uuid.UUID, str]) -> Write:
+        return Write(self._sql, {self._ids: list(moves), self._statuses: list(moves.values())})
 
 
-_SET_PAYMENTS = _set_statuses("payments")
-_SET_ORDERS = _set_statuses("orders")
+_SET_PAYMENTS = _SetStatuses("payments")
+_SET_ORDERS = _SetStatuses("orders")
 _LOG_TRANSITIONS = BulkInsert(
     _TRANSITIONS, ("order_id", "subject", "from_status", "to_status", "reason", "event_id")
 )
@@ -226,13 +232,38 @@ def apply_payment_status(
 def apply_payment_changes(
     session: Session, changes: Sequence[PaymentChange], *, batched: bool = False
 ) -> list[PaymentChange]:
+    """plan_payment_changes, written at once. Returns the declined changes."""
+    plan = plan_payment_changes(session, changes, batched=batched)
+    plan.write(session)
+    return plan.declined
+
+
+@dataclass
+class PaymentPlan:
+    """What plan_payment_changes decided, still to be written."""
+
+    declined: list[PaymentChange] = field(default_factory=list)
+    writes: list[Write] = field(default_factory=list)
+    sold: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def write(self, session: Session, *more: Write) -> None:
+        """The payments', orders' and transitions' rows, with `more` writes of
+        the caller's about other rows, in one statement; then the sales."""
+        write_together(session.connection(), [*self.writes, *more])
+        # Products last, so a popular SKU's row is held only until the commit.
+        stock.sell_reserved(session, self.sold)
+
+
+def plan_payment_changes(
+    session: Session, changes: Sequence[PaymentChange], *, batched: bool = False
+) -> PaymentPlan:
     """Move locked payments toward their targets and apply what that means
     for their orders (locked here, after the payments) and stock: a handful
-    of statements however many payments move. Each change must be for a
-    different order. A move that would go backwards or nowhere (a replay, a
-    late event) changes nothing.
+    of statements however many payments move, the last of them left to the
+    plan's `write`. Each change must be for a different order. A move that
+    would go backwards or nowhere (a replay, a late event) changes nothing.
 
-    `batched` (several events in one transaction) declines, and returns
+    `batched` (several events in one transaction) declines, and leaves
     untouched, every change that would lock product rows before the end (a
     release, a sale without a reservation): a batch then locks products only
     in its last statement, in SKU order, and two batches never deadlock. The
@@ -243,7 +274,7 @@ def apply_payment_changes(
         if (steps := payments.path_to(change.payment.status, change.target))
     ]
     if not planned:
-        return []
+        return PaymentPlan()
     connection = session.connection()
     order_ids = sorted({change.payment.order_id for change, _ in planned})
     assert len(order_ids) == len(planned), "one change per order"
@@ -264,7 +295,7 @@ def apply_payment_changes(
         ]
         planned = [(change, steps) for change, steps in planned if change not in declined]
         if not planned:
-            return declined
+            return PaymentPlan(declined)
     all_moves: list[_Moves] = []
     payment_moves: dict[uuid.UUID, str] = {}
     order_moves: dict[uuid.UUID, str] = {}
@@ -282,13 +313,14 @@ def apply_payment_changes(
         payment_moves[change.payment.id] = status
         if moves.order_status != was[order_id]:
             order_moves[order_id] = moves.order_status
-    connection.execute(_SET_PAYMENTS, {"ids": list(payment_moves), "statuses": list(payment_moves.values())})
+    writes = [_SET_PAYMENTS.write(payment_moves)]
     if order_moves:
-        connection.execute(_SET_ORDERS, {"ids": list(order_moves), "statuses": list(order_moves.values())})
-    _LOG_TRANSITIONS.run(connection, [row for moves in all_moves for row in moves.transitions])
-    # Products last, so a popular SKU's row is held only until the commit.
-    stock.sell_reserved(session, [(str(m.order_id), sku, n) for m in all_moves for sku, n in m.sold])
-    return declined
+        writes.append(_SET_ORDERS.write(order_moves))
+    transitions = [row for moves in all_moves for row in moves.transitions]
+    if transitions:
+        writes.append(_LOG_TRANSITIONS.write(transitions))
+    sold = [(str(m.order_id), sku, n) for m in all_moves for sku, n in m.sold]
+    return PaymentPlan(declined, writes, sold)
 
 
 def _moves_stock_midway(

@@ -751,11 +751,13 @@ def test_a_burst_of_webhooks_through_the_worker_pays_each_order_once(client, ses
 
 
 def waiting_at_transitions(sessions, count: int) -> bool:
-    """Whether `count` sessions wait for a lock to write order_transitions."""
+    """Whether `count` sessions wait for a lock to write order_transitions
+    (in the statement that writes a batch's payments, orders, transitions and
+    verdicts together)."""
     waiting = scalar(
         sessions,
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO order_transitions%'",
+        " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO order_transitions (%'",
     )
     return bool(waiting == count)
 
@@ -767,7 +769,7 @@ def test_batches_holding_a_cancel_lock_products_in_one_order_and_never_deadlock(
     batch's sales lock their SKUs in order at the end (stock.sell_reserved);
     a payment_intent.canceled applied in the same batch would release its
     order's units earlier, inside the per-change loop of
-    orders.apply_payment_changes (in event-id order), and hold that product
+    orders.plan_payment_changes (in event-id order), and hold that product
     row until the commit (this test caught it). Batch 1
     (cancel an order of BBB, pay an order of AAA) then holds BBB and wants
     AAA, while batch 2 (cancel an order of AAA, pay one of BBB) holds AAA and
