@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +23,7 @@ from tests.support.processes import Start, payfleet_processes, stop
 from tests.support.shop import SECRET, deliver
 from tests.support.stripe_signing import sign_stripe_payload, stripe_event
 from tests.support.tcp_proxy import TcpProxy
-
-# A trace id payfleet makes for an event no request id came with.
-FRESH_TRACE = re.compile(r"^[0-9a-f]{32}$")
+from tests.support.traces import FRESH_TRACE
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, Any]]:

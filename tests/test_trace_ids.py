@@ -9,7 +9,6 @@ handle the event carry it, and the provider sees it as X-Payfleet-Trace-Id."""
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,9 +32,8 @@ from tests.support.jobs import completed_order, job_runner, make_stale, run_job,
 from tests.support.processes import payfleet_processes
 from tests.support.shop import ADMIN, deliver, intent_event, order, put_product, settle
 from tests.support.stripe_signing import stripe_event
+from tests.support.traces import FRESH_TRACE
 from workers.apply_events import declare_event_actors
-
-FRESH = re.compile(r"^[0-9a-f]{32}$")
 
 
 def with_request(body: bytes, request: Any) -> bytes:
@@ -119,7 +117,7 @@ def test_an_event_no_request_caused_gets_a_fresh_trace_id_kept_by_its_duplicates
     automatic_key = json.loads(automatic)["id"]
     traces = [stored_trace(sessions, json.loads(body)["id"]) for body in bodies]
     assert traces[3] == "req_legacy1"
-    assert all(FRESH.match(trace) for trace in traces[:3]), traces
+    assert all(FRESH_TRACE.match(trace) for trace in traces[:3]), traces
     assert len(set(traces)) == len(bodies)
     assert sorted(m["options"]["trace_id"] for m in messages) == sorted(traces)
 
@@ -240,7 +238,7 @@ def test_a_jobs_stripe_calls_carry_its_runs_trace_id(client, sessions, settings,
     with job_runner(sessions, settings) as runner:
         run = run_job(runner, sessions, "expire-stale-orders")
     assert run["state"] == "succeeded" and run["counts"]["expired"] == 2, run
-    assert FRESH.match(run["trace_id"])
+    assert FRESH_TRACE.match(run["trace_id"])
 
     calls = fake_stripe.requests
     # One list of the batch's intents, then a cancel per order (made on the
@@ -276,7 +274,7 @@ def test_a_manual_run_has_its_own_trace_id_in_its_message(client, broker_url):
     [message] = wait_for_messages(broker_url, "jobs")
     runs = client.simulate_get("/admin/jobs/runs", headers=ADMIN).json["runs"]
     [run] = [r for r in runs if r["id"] == answer.json["run_id"]]
-    assert FRESH.match(run["trace_id"])
+    assert FRESH_TRACE.match(run["trace_id"])
     assert (message["args"], message["options"]["trace_id"]) == ([run["id"]], run["trace_id"])
 
 
@@ -361,7 +359,7 @@ def test_one_monetbil_payment_is_followed_by_its_trace_id_through_logs_and_provi
 
     shown = eventually(paid, timeout=30)
     [trace] = shown["trace_ids"]
-    assert FRESH.match(trace)
+    assert FRESH_TRACE.match(trace)
 
     # The ingress's access line for the stored callback, the worker's for applying it.
     stored = eventually(
