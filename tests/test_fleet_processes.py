@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -113,7 +114,7 @@ def test_up_runs_the_fleet_and_stops_cleanly(env, tmp_path, interrupt):
         )
     try:
         eventually(lambda: _healthy(f"http://127.0.0.1:{port}"), timeout=30, interval=0.2)
-        eventually(lambda: log.read_text().count("Worker process is ready for action") == 2, timeout=30)
+        _wait_for_worker_processes(log, 2)
         interrupt(up)
         assert up.wait(40) == 0, log.read_text()[-3000:]
     finally:
@@ -121,9 +122,7 @@ def test_up_runs_the_fleet_and_stops_cleanly(env, tmp_path, interrupt):
             kill_up(up)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-    text = log.read_text()
-    assert "Killing worker process" not in text
-    assert text.count("Stopping worker process") == 2
+    _assert_each_stopped_once(log, 2)
 
 
 def test_a_worker_told_to_stop_stops_its_processes_once_and_exits_0(env, tmp_path):
@@ -132,11 +131,21 @@ def test_a_worker_told_to_stop_stops_its_processes_once_and_exits_0(env, tmp_pat
     # which finishes what it holds and exits.
     with payfleet_processes(env, tmp_path) as start:
         worker, log = start("worker", "--processes", "2", "--threads", "2")
-        eventually(lambda: log.read_text().count("Worker process is ready for action") == 2, timeout=30)
+        _wait_for_worker_processes(log, 2)
         stop(worker)
     assert worker.returncode == 0, log.read_text()[-3000:]
+    _assert_each_stopped_once(log, 2)
+
+
+def _wait_for_worker_processes(log: Path, processes: int) -> None:
+    eventually(lambda: log.read_text().count("Worker process is ready for action") == processes, timeout=30)
+
+
+def _assert_each_stopped_once(log: Path, processes: int) -> None:
+    """Each Dramatiq worker process was told to stop once: told twice, it
+    says "Killing worker process" and drops the messages it holds."""
     text = log.read_text()
-    assert text.count("Stopping worker process") == 2
+    assert text.count("Stopping worker process") == processes
     assert "Killing worker process" not in text
 
 

@@ -24,11 +24,17 @@ def start(env: dict[str, str], tmp_path: Path) -> Iterator[Start]:
         yield run
 
 
-def _serves_metrics(port: int) -> bool:
+def _metrics(port: int) -> str | None:
+    """What the exporter on `port` serves, or None while nothing does."""
     try:
-        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+        answer = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     except requests.ConnectionError:
-        return False
+        return None
+    return answer.text if answer.status_code == 200 else None
+
+
+def _serves_metrics(port: int) -> bool:
+    return _metrics(port) is not None
 
 
 def _warned(log: Path, port: int, setting: str) -> list[str]:
@@ -90,10 +96,6 @@ def test_two_workers_on_one_metrics_port_both_keep_running(start, client, sessio
     assert second.poll() is None
 
 
-def _scrape(port: int) -> str:
-    return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-
-
 def test_a_worker_exports_the_messages_its_processes_handled(start, client, sessions):
     # Each worker process writes its counts to prometheus-client's
     # multiprocess files only if it first imported prometheus-client after
@@ -108,4 +110,4 @@ def test_a_worker_exports_the_messages_its_processes_handled(start, client, sess
     eventually(lambda: scalar(sessions, "SELECT status FROM provider_events") == "ignored", timeout=30)
 
     counted = 'dramatiq_messages_total{actor_name="apply_event",queue_name="payments"} 1.0'
-    assert eventually(lambda: _serves_metrics(int(port)) and counted in _scrape(int(port)), timeout=10)
+    assert eventually(lambda: counted in (_metrics(int(port)) or ""), timeout=10)
