@@ -255,8 +255,15 @@ def test_a_refused_delivery_is_retried_until_accepted(sandbox, shop):
     eventually(lambda: len(shop.received) == 3, timeout=10)
     events = [event for _, event in shop.received]
     assert len({event["id"] for event in events}) == 1  # the same event, signed afresh each time
-    attempts = requests.get(f"{sandbox.base_url}/sandbox/deliveries", timeout=5).json()
-    assert [a["status"] for a in attempts] == [503, 500, 200]
+
+    def statuses() -> list[int]:
+        attempts = requests.get(f"{sandbox.base_url}/sandbox/deliveries", timeout=5).json()
+        return [a["status"] for a in attempts]
+
+    # The sender records an attempt once the shop's answer is back, so the
+    # shop can hold the third delivery a moment before the sandbox lists it.
+    eventually(lambda: len(statuses()) == 3, timeout=10)
+    assert statuses() == [503, 500, 200]
 
 
 @pytest.mark.parametrize(
