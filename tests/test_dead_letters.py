@@ -208,6 +208,45 @@ def test_list_shows_each_letter_with_its_error_and_removes_nothing(three_letters
     assert {queue: depth(rabbit, queue) for queue in QUEUES} == {"payments": 1, "jobs": 1, "notifications": 1}
 
 
+def publish_letters(rabbit: pika.URLParameters, numbers: range) -> None:
+    """Letters of apply_event(n) put straight on payments.XQ, as Dramatiq
+    dead-letters them, without a hundred real failures first."""
+    connection = pika.BlockingConnection(rabbit)
+    try:
+        channel = connection.channel()
+        for number in numbers:
+            args, options = (number,), {"retries": 2}
+            message: dramatiq.Message[Any] = dramatiq.Message(
+                queue_name="payments", actor_name="apply_event", args=args, kwargs={}, options=options
+            )
+            properties = pika.BasicProperties(delivery_mode=2, message_id=message.message_id)
+            channel.basic_publish("", "payments.XQ", message.encode(), properties)
+    finally:
+        connection.close()
+
+
+def test_many_letters_are_each_listed_once_and_letters_dying_meanwhile_stay(broker, rabbit, payfleet):
+    """A listing takes the letters there when it starts, through one consumer
+    that RabbitMQ pushes them to: none twice, none removed, and the letters
+    that die while it runs are neither listed nor lost."""
+    broker.declare_queue("payments", ensure=True)
+    publish_letters(rabbit, range(1, 1001))
+    meanwhile = threading.Thread(target=publish_letters, args=(rabbit, range(1001, 1301)))
+    meanwhile.start()
+    letters = dead_letters.list_dead(rabbit, ("payments",))
+    meanwhile.join()
+    numbers = [letter.args[0] for letter in letters]
+    assert len(numbers) >= 1000
+    assert numbers == list(range(1, len(numbers) + 1))  # in order, from the first, none twice
+    # RabbitMQ puts the letters of the closed listing back on its own time.
+    eventually(lambda: depth(rabbit, "payments") == 1300)
+    code, out = payfleet("dead-letters", "archive", "--limit", "10")
+    assert code == 0 and "archived 10 message(s)" in out
+    eventually(lambda: depth(rabbit, "payments") == 1290)
+    left = dead_letters.list_dead(rabbit, ("payments",))
+    assert [letter.args[0] for letter in left] == list(range(11, 1301))
+
+
 FILTERS = [
     (("--queue", "jobs"), {"jobs"}),
     (("--actor", "send_review_request"), {"notifications"}),
