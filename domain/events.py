@@ -401,7 +401,7 @@ def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
     declined = {change.event_id for change in plan.declined}
     verdicts = {event_id: verdict for event_id, verdict in verdicts.items() if event_id not in declined}
     # The verdicts go in the same statement as the payments' own writes.
-    plan.write(session, *([_settle_many(verdicts)] if verdicts else []))
+    plan.write(session, *([_verdicts_write(verdicts)] if verdicts else []))
     return settled | {event_id: status for event_id, (status, _) in verdicts.items()}
 
 
@@ -433,8 +433,9 @@ def _settle(
     return status
 
 
-def _settle_many(verdicts: dict[int, tuple[str, uuid.UUID | None]]) -> Write:
-    """_settle for many events, as one write: {event id: (status, payment id)}."""
+def _verdicts_write(verdicts: dict[int, tuple[str, uuid.UUID | None]]) -> Write:
+    """The verdicts of many events (what _settle writes for one), as one write
+    for the batch's combined statement: {event id: (status, payment id)}."""
     params = {
         "verdict_ids": list(verdicts),
         "verdict_statuses": [status for status, _ in verdicts.values()],
