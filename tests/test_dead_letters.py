@@ -227,8 +227,8 @@ def publish_letters(rabbit: pika.URLParameters, numbers: range) -> None:
 
 def test_many_letters_are_each_listed_once_and_letters_dying_meanwhile_stay(broker, rabbit, payfleet):
     """A listing takes the letters there when it starts, through one consumer
-    that RabbitMQ pushes them to: none twice, none removed, and the letters
-    that die while it runs are neither listed nor lost."""
+    that RabbitMQ pushes them to: in order, none twice, none removed, and the
+    letters that die while it runs are not lost."""
     broker.declare_queue("payments", ensure=True)
     publish_letters(rabbit, range(1, 1001))
     meanwhile = threading.Thread(target=publish_letters, args=(rabbit, range(1001, 1301)))
