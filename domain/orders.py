@@ -215,27 +215,19 @@ def apply_payment_status(
     event_id: int | None = None,
     final_failure: bool = False,
 ) -> bool:
-    """Move one locked payment toward `target` (see apply_payment_changes).
+    """Move one locked payment toward `target` (see plan_payment_changes).
     Returns False (and changes nothing) when the move would go backwards or
     nowhere: a replay or a late event."""
     steps = payments.path_to(payment.status, target)
     if not steps:
         return False
-    apply_payment_changes(session, [PaymentChange(payment, target, reason, event_id, final_failure)])
+    change = PaymentChange(payment, target, reason, event_id, final_failure)
+    plan_payment_changes(session, [change]).write(session)
     if isinstance(payment, Payment):
         # An ORM caller's object shows the new status, without a flush that
         # would write it a second time.
         set_committed_value(payment, "status", steps[-1])
     return True
-
-
-def apply_payment_changes(
-    session: Session, changes: Sequence[PaymentChange], *, batched: bool = False
-) -> list[PaymentChange]:
-    """plan_payment_changes, written at once. Returns the declined changes."""
-    plan = plan_payment_changes(session, changes, batched=batched)
-    plan.write(session)
-    return plan.declined
 
 
 @dataclass

@@ -312,17 +312,18 @@ def _fetch(channel: BlockingChannel, queue: str) -> list[tuple[int, DeadLetter]]
     be asked for each): a basic_get per letter cost a round trip each, about
     1.5 s for 5,000 letters. The consumer is cancelled once the depth is
     reached; letters pushed beyond it are handed back at once."""
-    wanted = _depth(channel, xq_name(queue))
+    letter_queue = xq_name(queue)
+    wanted = _depth(channel, letter_queue)
     fetched: list[tuple[int, DeadLetter]] = []
     if not wanted:
         return fetched
-    letters = channel.consume(xq_name(queue), auto_ack=False, inactivity_timeout=FETCH_PAUSE_SECONDS)
+    letters = channel.consume(letter_queue, auto_ack=False, inactivity_timeout=FETCH_PAUSE_SECONDS)
     try:
         for method, properties, body in letters:
             if method is None:
                 # A pause: done if none is left to push (fewer than the
                 # depth said: expired, or taken by another consumer).
-                if _depth(channel, xq_name(queue)) == 0:
+                if _depth(channel, letter_queue) == 0:
                     break
                 continue
             fetched.append((method.delivery_tag, _letter(queue, properties, body)))
