@@ -11,6 +11,7 @@ of DESIGN.md."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import random
 import threading
@@ -688,6 +689,58 @@ def test_a_batch_answering_the_wrong_number_of_results_fails_its_callers_instead
     outcomes = run_together(4, lambda i: _outcome(lambda: group.call(i)))
     assert all(isinstance(outcome, ValueError) or outcome == i * 2 for i, outcome in enumerate(outcomes))
     assert run_together(1, lambda _: group.call(21)) == [42]  # the thread lives on
+
+
+def test_the_after_hook_runs_once_per_item_in_its_callers_context_once_the_caller_has_its_answer():
+    # The worker's per-event line: written by the group's thread, but with the
+    # fields (event_id, trace_id) its actor thread had bound.
+    caller_of: contextvars.ContextVar[int | None] = contextvars.ContextVar("caller_of", default=None)
+    returned = {key: threading.Event() for key in range(12)}
+    seen: list[tuple[int, str, int | None, bool]] = []
+
+    def after(key: int, result: str) -> None:
+        # Waits for its caller to have returned: an after run before the
+        # caller's future is set would block it and fail the test.
+        answered = returned[key].wait(5)
+        seen.append((key, result, caller_of.get(), answered))
+
+    group: GroupCommit[int, str] = GroupCommit(
+        lambda keys: [f"r{key}" for key in keys], max_size=8, linger=0.005, name="test-after", after=after
+    )
+
+    def caller(thread: int) -> list[str]:
+        answers = []
+        for key in (thread * 3, thread * 3 + 1, thread * 3 + 2):
+            caller_of.set(key)
+            answers.append(group.call(key))
+            returned[key].set()
+        return answers
+
+    assert run_together(4, caller) == [[f"r{k}" for k in range(t * 3, t * 3 + 3)] for t in range(4)]
+    eventually(lambda: len(seen) == 12, timeout=10)
+    assert sorted(seen) == [(key, f"r{key}", key, True) for key in range(12)]
+
+
+def test_the_after_hook_is_skipped_for_a_failed_batch_and_its_own_failure_changes_no_answer():
+    hooked: list[int] = []
+
+    def run_batch(keys: Sequence[int]) -> list[int]:
+        if -1 in keys:
+            raise Boom("poisoned batch")
+        return [key * 10 for key in keys]
+
+    def after(key: int, result: int) -> None:
+        hooked.append(key)
+        if key == 2:
+            raise RuntimeError("the hook broke")
+
+    group: GroupCommit[int, int] = GroupCommit(
+        run_batch, max_size=8, linger=0.005, name="test-after-errors", after=after
+    )
+    assert isinstance(_outcome(lambda: group.call(-1)), Boom)
+    assert run_together(1, lambda _: group.call(2)) == [20]
+    assert run_together(1, lambda _: group.call(3)) == [30]  # the thread lives on after the hook's error
+    eventually(lambda: hooked == [2, 3], timeout=5)
 
 
 def _outcome(call: Callable[[], Any]) -> Any:

@@ -190,10 +190,18 @@ def test_worker_lines_name_the_event_and_the_job_run_they_handle(start, client, 
     assert run.status_code == 202
     run_id = run.json["run_id"]
 
-    event_lines = eventually(lambda: _find(log, lambda line: line.get("event_id") is not None), timeout=30)
-    assert event_lines[0]["process"] == "worker" and event_lines[0]["logger"] == "workers.apply_events"
+    # The event is applied in a batch, whose thread writes its line: with the
+    # fields its actor thread had bound, once.
+    def applied_lines() -> list[dict[str, Any]]:
+        return _find(log, lambda line: str(line.get("msg")).endswith(": ignored"))
+
+    [applied] = eventually(applied_lines, timeout=30)
+    assert applied["msg"] == f"event {applied['event_id']}: ignored"
+    assert (applied["process"], applied["logger"]) == ("worker", "workers.apply_events")
+    assert FRESH_TRACE.match(applied["trace_id"]), applied
     job_lines = eventually(lambda: _find(log, lambda line: line.get("run_id") == run_id), timeout=30)
     assert job_lines[0]["job"] == "clean-expired-carts"
+    assert len(applied_lines()) == 1
     assert ADMIN_TOKEN not in log.read_text()
 
 

@@ -96,23 +96,34 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
             settled = events.apply_events(session, event_ids)
         return [settled.get(event_id) for event_id in event_ids]
 
+    def applied(event_id: int, status: str | None) -> None:
+        # Run by the batch's thread in the event's actor context (its
+        # event_id and trace_id), once the actor has its answer. The eight
+        # actor threads a commit wakes no longer queue on the log handler's
+        # lock all at once (each holder gives up the GIL in its write and
+        # must win it back while the others wait): one thread writes the
+        # batch's lines while the actors ack and fetch their next messages.
+        if status is not None:
+            log.info("event %s: %s", event_id, status)
+
     # The events this process's actor threads are given at about the same
     # time are applied in one transaction: a handful of statements and one
     # commit for all of them instead of a dozen and one each.
     batches = GroupCommit(
-        apply_batch, max_size=APPLY_BATCH_MAX, linger=APPLY_BATCH_LINGER, name="apply-events"
+        apply_batch, max_size=APPLY_BATCH_MAX, linger=APPLY_BATCH_LINGER, name="apply-events", after=applied
     )
 
-    def apply_grouped(event_id: int, deadline: float) -> tuple[str, MonetbilCheck | None]:
+    def apply_grouped(event_id: int) -> str | None:
+        """The event's status once its batch committed (its line is then
+        written by `applied`); None when it is to be applied alone."""
         try:
-            status = batches.call(event_id)
+            return batches.call(event_id)
         except Exception:
             # Any error (a deadlock, a lost connection, a bad event): each
             # event of the batch is tried alone, so an error lands on the
             # event that has it, with its own retries.
             log.info("event %s: its batch failed; applying it alone", event_id, exc_info=True)
-            status = None
-        return (status, None) if status is not None else apply(event_id, deadline)
+            return None
 
     def apply(event_id: int, deadline: float) -> tuple[str, MonetbilCheck | None]:
         """One transaction for most events. A claimed Monetbil success first
@@ -143,7 +154,9 @@ def declare_event_actors(broker: Broker, sessions: sessionmaker[Session], settin
     def apply_event(event_id: int) -> None:
         deadline = deadlines.start()
         try:
-            status, confirmed = apply_grouped(event_id, deadline)
+            if apply_grouped(event_id) is not None:
+                return  # applied in its batch, whose thread writes its line (`applied`)
+            status, confirmed = apply(event_id, deadline)
             # Counted once the verdict is committed, not once per attempt.
             if confirmed is not None and (confirmed.status != "succeeded" or status == "failed"):
                 log.warning(

@@ -11,10 +11,18 @@ callers, who then do their work alone. Without a linger, a call that finds
 fewer than `concurrency` batches running and none waiting runs in its
 caller's thread: two webhooks on two connections then commit side by side,
 as they would without the group, and only a crowd forms batches.
+
+An `after` hook runs once per item after its caller has the result, in that
+caller's context (contextvars): work that need not delay the callers, such as
+a line per item, which the group's thread then writes for the whole batch
+while the callers go on, instead of the callers all writing at once. (A call
+run in its caller's thread runs the hook there, before it returns.)
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +31,12 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+# A queued call: its item, its caller's future, and the caller's context when
+# there is an `after` hook to run in it.
+_Call = tuple[T, Future[R], contextvars.Context | None]
 
 # A thread that has not called for this long no longer counts as a caller.
 _CALLER_SEEN_SECONDS = 1.0
@@ -37,13 +51,15 @@ class GroupCommit(Generic[T, R]):
         linger: float,
         name: str,
         concurrency: int = 1,
+        after: Callable[[T, R], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._after = after
         self._max_size = max_size
         self._linger = linger
         self._name = name
         self._concurrency = concurrency
-        self._queued: list[tuple[T, Future[R]]] = []
+        self._queued: list[_Call[T, R]] = []
         self._callers: dict[int, float] = {}
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -67,21 +83,35 @@ class GroupCommit(Generic[T, R]):
             if alone:
                 self._running += 1
             else:
-                self._queued.append((item, future))
+                context = contextvars.copy_context() if self._after is not None else None
+                self._queued.append((item, future, context))
                 self._wakeup.notify_all()
         if not alone:
             return future.result()
         try:
-            return self._run_batch([item])[0]
+            result = self._run_batch([item])[0]
         finally:
             self._done()
+        self._run_after(item, result, None)
+        return result
 
     def _done(self) -> None:
         with self._wakeup:
             self._running -= 1
             self._wakeup.notify_all()
 
-    def _take(self) -> list[tuple[T, Future[R]]]:
+    def _run_after(self, item: T, result: R, context: contextvars.Context | None) -> None:
+        if self._after is None:
+            return
+        try:
+            if context is None:
+                self._after(item, result)
+            else:
+                context.run(self._after, item, result)
+        except Exception:  # the hook's failure is not the batch's: its result stands
+            log.exception("%s: the after hook failed for %r", self._name, item)
+
+    def _take(self) -> list[_Call[T, R]]:
         with self._wakeup:
             # At most `concurrency` batches at a time: the next gathers while they run.
             self._wakeup.wait_for(lambda: bool(self._queued) and self._running < self._concurrency)
@@ -98,13 +128,15 @@ class GroupCommit(Generic[T, R]):
         while True:
             batch = self._take()
             try:
-                results = self._run_batch([item for item, _ in batch])
+                results = self._run_batch([item for item, _, _ in batch])
                 answers = list(zip(batch, results, strict=True))
             except BaseException as error:  # handed to every caller; the thread lives on
-                for _, future in batch:
+                for _, future, _ in batch:
                     future.set_exception(error)
                 continue
             finally:
                 self._done()
-            for (_, future), result in answers:
+            for (_, future, _), result in answers:
                 future.set_result(result)
+            for (item, _, context), result in answers:
+                self._run_after(item, result, context)
