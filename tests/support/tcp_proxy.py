@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import random
 import select
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
@@ -346,22 +348,31 @@ class TcpProxy:
             raise RuntimeError("TcpProxy is stopped")
 
     def _listen(self, port: int) -> None:
-        """Bind + listen on 127.0.0.1:port and start an acceptor thread (lock held)."""
+        """Bind + listen on 127.0.0.1:port and start an acceptor thread (lock held).
+
+        Port 0 means a free port *below* the kernel's ephemeral range, not
+        one the kernel picks from it. While the proxy is cut its port is
+        free, and a port from the ephemeral range can then be handed to any
+        outgoing connection, even to a client reconnecting to the cut port
+        itself (TCP's simultaneous open connects it to itself); `restore`
+        then failed with EADDRINUSE (seen once in CI)."""
         deadline = time.monotonic() + 5.0
+        candidates = _ports_below_ephemeral() if port == 0 else None
         while True:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((LOOPBACK, port))
+                sock.bind((LOOPBACK, next(candidates) if candidates else port))
                 sock.listen(64)
                 sock.setblocking(False)
                 break
             except OSError as exc:
                 sock.close()
-                # Right after a cut the port may briefly still be busy; retry a little.
-                if exc.errno != errno.EADDRINUSE or port == 0 or time.monotonic() > deadline:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                     raise
-                time.sleep(0.05)
+                if candidates is None:
+                    # Right after a cut the port may briefly still be busy; retry a little.
+                    time.sleep(0.05)
         self._port = sock.getsockname()[1]
         self._listener = sock
         stop = threading.Event()
@@ -467,3 +478,15 @@ class TcpProxy:
                 return
             self._conns.add(conn)
         conn.start()
+
+
+def _ports_below_ephemeral() -> Iterator[int]:
+    """Random ports between 10000 and the start of the kernel's ephemeral
+    range (Linux's ip_local_port_range; 32768 when it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            low = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    while True:
+        yield random.randrange(10_000, max(low, 10_001))
