@@ -239,11 +239,13 @@ class PaymentPlan:
     sold: list[tuple[str, str, int]] = field(default_factory=list)
 
     def write(self, session: Session, *more: Write) -> None:
-        """The payments', orders' and transitions' rows, with `more` writes of
-        the caller's about other rows, in one statement; then the sales."""
-        write_together(session.connection(), [*self.writes, *more])
-        # Products last, so a popular SKU's row is held only until the commit.
-        stock.sell_reserved(session, self.sold)
+        """The sales' units, then the payments', orders', transitions' and
+        sales' rows, with `more` writes of the caller's about other rows, in
+        one statement."""
+        # Products last of the rows this transaction locks, so a popular
+        # SKU's row is held for one statement and the commit.
+        sales = stock.sell_reserved(session, self.sold)
+        write_together(session.connection(), [*self.writes, *more, *sales])
 
 
 def plan_payment_changes(

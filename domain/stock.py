@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from domain.bulk import BulkInsert, any_of
+from domain.bulk import BulkInsert, Write, any_of
 from domain.errors import InsufficientStock, UnknownSku
 from domain.models import Order, Product, StockMovement, StockReservation
 
@@ -116,11 +116,8 @@ def _give_back(session: Session, units: Counter[str]) -> None:
     if len(skus) == 1:
         _change(session, skus[0], reserved=-units[skus[0]])
         return
-    connection = session.connection()
-    # Locked in SKU order first: the UPDATE visits rows in its plan's order.
-    connection.execute(_LOCK_PRODUCTS, {"skus": skus})
     params = {"skus": skus, "on_hand": [0] * len(skus), "reserved": [-units[sku] for sku in skus]}
-    for row in connection.execute(_CHANGE_MANY_UNITS, params):
+    for row in session.connection().execute(_CHANGE_MANY_UNITS, params):
         _warn_low(row)
 
 
@@ -131,24 +128,24 @@ def consume_reservations(session: Session, order_ids: Sequence[uuid.UUID]) -> di
     return _close_reservations(session, order_ids, "consumed")
 
 
-def sell_reserved(session: Session, sold: Iterable[tuple[str, str, int]]) -> None:
+def sell_reserved(session: Session, sold: Iterable[tuple[str, str, int]]) -> list[Write]:
     """Consumed reservations, as (reference, sku, quantity), become sales:
-    on_hand and reserved both drop, one `sale` movement per line with its own
-    before and after. The product rows are the hottest rows there are (a
-    popular SKU): callers do this last in their transaction."""
+    on_hand and reserved both drop now, one statement locking the product
+    rows in SKU order. Returns the `sale` movements (one per line, with its
+    own before and after) as a write for the caller to send with its others
+    (write_together). The product rows are the hottest rows there are (a
+    popular SKU): callers do this last in their transaction, with at most
+    that one write and the commit after it."""
     by_sku: dict[str, list[tuple[str, int]]] = {}
     for reference, sku, quantity in sold:
         by_sku.setdefault(sku, []).append((reference, quantity))
     if not by_sku:
-        return
+        return []
     skus = sorted(by_sku)
     totals = [-sum(quantity for _, quantity in by_sku[sku]) for sku in skus]
-    connection = session.connection()
-    if len(skus) > 1:
-        # Locked in SKU order first, like every multi-row stock change (the
-        # UPDATE below visits rows in whatever order its plan takes).
-        connection.execute(_LOCK_PRODUCTS, {"skus": skus})
-    changed = connection.execute(_CHANGE_MANY_UNITS, {"skus": skus, "on_hand": totals, "reserved": totals})
+    changed = session.connection().execute(
+        _CHANGE_MANY_UNITS, {"skus": skus, "on_hand": totals, "reserved": totals}
+    )
     delta = dict(zip(skus, totals, strict=True))
     movements = []
     for row in sorted(changed, key=lambda row: str(row.sku)):
@@ -157,7 +154,7 @@ def sell_reserved(session: Session, sold: Iterable[tuple[str, str, int]]) -> Non
         for reference, quantity in by_sku[sku]:
             movements.append(_movement(sku, "sale", -quantity, on_hand, reference, "order paid"))
             on_hand -= quantity
-    _RECORD_MOVEMENTS.run(connection, movements)
+    return [_RECORD_MOVEMENTS.write(movements)]
 
 
 def sell_unreserved(session: Session, lines: Iterable[Line], reference: str) -> bool:
@@ -217,7 +214,7 @@ def _units_update(on_hand: ColumnElement[int], reserved: ColumnElement[int]) -> 
 _CHANGE_UNITS = _units_update(
     bindparam("on_hand_delta", type_=Integer), bindparam("reserved_delta", type_=Integer)
 ).where(_PRODUCTS.c.sku == bindparam("product_sku"))
-# Many SKUs' units in one UPDATE: the deltas as arrays, unnested (see bulk).
+# The deltas of many SKUs' units as arrays, unnested (see bulk).
 _DELTAS = (
     func.unnest(
         bindparam("skus", type_=ARRAY(String)),
@@ -227,11 +224,22 @@ _DELTAS = (
     .table_valued(column("sku", String), column("on_hand", Integer), column("reserved", Integer))
     .render_derived(name="deltas")
 )
-_CHANGE_MANY_UNITS = _units_update(_DELTAS.c.on_hand, _DELTAS.c.reserved).where(
-    _PRODUCTS.c.sku == _DELTAS.c.sku
+# Many SKUs' units, locked in SKU order in the same statement: the CTE locks
+# rows as it yields them, sorted, and the UPDATE changes only rows it has
+# yielded, so whatever order the plan visits them in, every row lock is taken
+# in SKU order (two such changes never deadlock) and no second round trip is
+# spent on a separate SELECT … FOR UPDATE. MATERIALIZED: the lock stays a
+# step of its own, never folded into the UPDATE's join.
+_LOCKED_PRODUCTS = (
+    select(_PRODUCTS.c.sku)
+    .where(any_of(_PRODUCTS.c.sku, "skus"))
+    .order_by(_PRODUCTS.c.sku)
+    .with_for_update()
+    .cte("locked")
+    .prefix_with("MATERIALIZED")
 )
-_LOCK_PRODUCTS = (
-    select(_PRODUCTS.c.sku).where(any_of(_PRODUCTS.c.sku, "skus")).order_by(_PRODUCTS.c.sku).with_for_update()
+_CHANGE_MANY_UNITS = _units_update(_DELTAS.c.on_hand, _DELTAS.c.reserved).where(
+    _PRODUCTS.c.sku == _DELTAS.c.sku, _PRODUCTS.c.sku == _LOCKED_PRODUCTS.c.sku
 )
 _CLOSE_RESERVATIONS = (
     update(_RESERVATIONS)

@@ -218,3 +218,34 @@ def run_all_at_once(work: list[Callable[[], Any]]) -> list[Any]:
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads), "a racing call never finished"
     return outcomes
+
+
+def test_a_batch_locks_its_sales_products_in_sku_order_in_one_statement(client, sessions):
+    """A batch's sales lock their product rows and change them in one
+    statement (stock.sell_reserved). The rows must still be locked in SKU
+    order, whatever order the UPDATE's plan visits them in. The order buys
+    LO-Z and LO-A, LO-Z comes first on disk, and a lock this test holds on
+    LO-A stops the batch at its first product. While it waits there it must
+    not hold LO-Z: a checkout of LO-A and LO-Z, holding LO-A, would then
+    wait on it, a cycle. (Without the ORDER BY, this test fails.)"""
+    put_product(client, "LO-Z", on_hand=10)
+    put_product(client, "LO-A", on_hand=10)
+    order, intent = place(client, ("LO-Z", 1), ("LO-A", 1))
+    # LO-A's latest row version is now the last on disk: a scan in disk
+    # order meets LO-Z first.
+    put_product(client, "LO-A", on_hand=11)
+    [event_id] = store_events(client, sessions, [intent_event("payment_intent.succeeded", intent)])
+    with sessions() as blocker:
+        blocker.execute(text("SELECT 1 FROM products WHERE sku = 'LO-A' FOR UPDATE"))
+        batch, outcome = in_thread(lambda: apply_as_the_worker(sessions, [event_id]))
+        eventually(lambda: waiting_on(sessions, "WITH locked") == 1, timeout=10)
+        with sessions() as probe:
+            # NOWAIT: raises at once if the waiting batch holds LO-Z.
+            probe.execute(text("SELECT 1 FROM products WHERE sku = 'LO-Z' FOR UPDATE NOWAIT"))
+            probe.rollback()
+        blocker.commit()
+        batch.join(timeout=30)
+        assert not batch.is_alive()
+    assert outcome == [{event_id: "processed"}], outcome
+    assert scalar(sessions, "SELECT status FROM orders WHERE id = :o", o=order) == "paid"
+    assert_stock_consistent(sessions)
