@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tests.conftest import ADMIN_TOKEN, eventually, free_port
 from tests.support.processes import kill_up, payfleet_processes, stop
 from tests.support.shop import SECRET, intent_event
 from tests.support.stripe_signing import sign_stripe_payload
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -86,6 +88,24 @@ def test_events_taken_while_the_worker_is_dead_are_applied_once_after_restart(in
     )
     product = _get(ingress, "/admin/products/CAP")
     assert (product["on_hand"], product["reserved"]) == (7, 0)
+
+
+def test_a_worker_process_holds_one_rabbitmq_connection_per_consumer(env, spawn, broker_url):
+    """A worker process has six consumers (three queues and their delay
+    queues), a connection each. The queues are declared once at its start,
+    on a connection closed before the consumers start (workers.main's
+    WarmStart). Left to Dramatiq, each consumer declared them on a second
+    connection of its own, kept open: twelve per process (this test then
+    counts 24)."""
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        env["BROKER_URL"] = proxy.url_for(broker_url)
+        worker = spawn("worker", "--processes", "2", "--threads", "2")
+        try:
+            eventually(lambda: proxy.connections >= 12, timeout=30)
+            time.sleep(2)  # any later connection would be open by now
+            assert proxy.connections == 12
+        finally:
+            stop(worker)  # before the proxy goes, which would be an outage
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,34 @@ def test_a_rabbitmq_outage_is_one_warning_not_a_traceback_per_attempt(start, bro
     assert "Traceback" not in output
 
 
+def test_a_worker_started_while_rabbitmq_is_unreachable_warns_once_and_consumes_once_it_is_back(
+    start, broker_url, client
+):
+    """The start's declares fail (nothing listens): the process lives on, the
+    outage is one warning and no traceback (the start's failed declares
+    are part of it), and the consumers declare the queues once RabbitMQ is
+    back and take the event stored meanwhile."""
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        proxy.cut()
+        worker, log = start(
+            "worker", "--processes", "1", "--threads", "2", BROKER_URL=proxy.url_for(broker_url)
+        )
+        # Stored and sent to RabbitMQ (the ingress reaches it) while the worker cannot.
+        body = stripe_event("customer.created", {"id": "cus_2", "object": "customer"})
+        assert deliver(client, body).status_code == 200
+        time.sleep(4)  # the start's declare attempts (2, each 2 connection attempts) are over
+        assert worker.poll() is None, f"the worker exited ({worker.returncode})"
+        proxy.restore()
+        eventually(lambda: _find(log, lambda line: str(line.get("msg")).endswith(": ignored")), timeout=60)
+        output = log.read_text()
+        worker.send_signal(signal.SIGTERM)  # before the proxy goes: that would be an outage
+        worker.wait(20)
+
+    loud = _find(output, lambda line: line["level"] in ("WARNING", "ERROR", "CRITICAL"))
+    assert len(loud) == 1 and "RabbitMQ connection lost" in loud[0]["msg"], loud
+    assert "Traceback" not in output
+
+
 def test_dramatiqs_own_processes_write_json_too(start):
     """`payfleet worker` runs Dramatiq's supervisor in its own process: the
     supervisor and the metrics fork process log JSON as well, not Dramatiq's
