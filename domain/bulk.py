@@ -67,10 +67,6 @@ class BulkInsert:
     def write(self, rows: Sequence[Mapping[str, Any]]) -> Write:
         return Write(self.sql, {self._names[name]: [row[name] for row in rows] for name in self.columns})
 
-    def run(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        if rows:
-            write_together(connection, [self.write(rows)])
-
 
 def any_of(column: ColumnElement[Any], name: str) -> ColumnElement[bool]:
     """`column = ANY(:name)`, the keys bound as one array of the column's type.
