@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import io
+import json
+import logging
 import random
 import threading
 import time
@@ -26,6 +29,7 @@ from sqlalchemy import text
 
 from domain.errors import PaymentNotFound
 from domain.events import apply_event, apply_events
+from payfleet.platform import logs
 from payfleet.platform.db import SessionTimeouts, make_engine, make_sessions
 from payfleet.platform.group_commit import GroupCommit
 from tests.conftest import eventually, scalar
@@ -719,6 +723,52 @@ def test_the_after_hook_runs_once_per_item_in_its_callers_context_once_the_calle
     assert run_together(4, caller) == [[f"r{k}" for k in range(t * 3, t * 3 + 3)] for t in range(4)]
     eventually(lambda: len(seen) == 12, timeout=10)
     assert sorted(seen) == [(key, f"r{key}", key, True) for key in range(12)]
+
+
+def test_the_lines_a_batchs_hooks_log_go_out_in_one_write():
+    # A worker's batch logs a line per event from its hook: eight writes on
+    # the log pipe were eight wake-ups of Dramatiq's supervisor.
+    writes: list[str] = []
+
+    class Pipe(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    log = logging.getLogger("payfleet.test.batch_lines")
+    log.addHandler(logs.handler("worker", "json", Pipe()))
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    release = threading.Event()
+
+    def run_batch(keys: Sequence[int]) -> list[int]:
+        release.wait(5)  # the four callers queue up behind the first batch
+        return list(keys)
+
+    def after(key: int, result: int) -> None:
+        log.info("item %s", key)
+
+    group: GroupCommit[int, int] = GroupCommit(
+        run_batch, max_size=8, linger=0.05, name="test-lines", after=after
+    )
+    try:
+        first = threading.Thread(target=group.call, args=(0,), daemon=True)
+        first.start()
+        eventually(lambda: group._running == 1, timeout=5)
+        callers = [threading.Thread(target=group.call, args=(k,), daemon=True) for k in (1, 2, 3, 4)]
+        for caller in callers:
+            caller.start()
+        eventually(lambda: len(group._queued) == 4, timeout=5)
+        release.set()
+        eventually(lambda: sum(write.count("\n") for write in writes) == 5, timeout=10)
+    finally:
+        release.set()
+        log.handlers.clear()
+        log.propagate = True
+    assert [[json.loads(line)["msg"] for line in write.splitlines()] for write in writes] == [
+        ["item 0"],
+        ["item 1", "item 2", "item 3", "item 4"],
+    ]
 
 
 def test_the_after_hook_is_skipped_for_a_failed_batch_and_its_own_failure_changes_no_answer():

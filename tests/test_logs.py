@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +75,74 @@ def test_a_traceback_stays_inside_its_one_line(json_root):
         logging.getLogger("payfleet.test").exception("failed")
     (line,) = _lines(json_root)
     assert line["msg"] == "failed" and "RuntimeError: boom" in line["exc_info"]
+
+
+class Writes(io.StringIO):
+    """A stream that keeps each write apart: what a Dramatiq worker process's
+    log pipe turns into one message to the supervisor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_lines_logged_together_go_out_in_one_write_at_the_end_each_with_its_own_context():
+    stream = Writes()
+    log = logging.getLogger("payfleet.test.together")
+    log.addHandler(logs.handler("worker", "json", stream))
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    try:
+        log.info("before")
+        with logs.lines_together():
+            for event_id in (1, 2, 3):
+                with logs.log_context(event_id=event_id, trace_id=f"tr_{event_id}"):
+                    log.info("event %s: processed", event_id)
+            with logs.lines_together():  # nested: still the outer block's one write
+                log.warning("nested")
+            assert len(stream.writes) == 1, "a held line was written before the block's end"
+        log.info("after")
+    finally:
+        log.handlers.clear()
+        log.propagate = True
+    before, together, after = stream.writes
+    assert json.loads(before)["msg"] == "before" and json.loads(after)["msg"] == "after"
+    lines = [json.loads(line) for line in together.splitlines()]
+    assert [(line["msg"], line.get("event_id"), line.get("trace_id")) for line in lines] == [
+        ("event 1: processed", 1, "tr_1"),
+        ("event 2: processed", 2, "tr_2"),
+        ("event 3: processed", 3, "tr_3"),
+        ("nested", None, None),
+    ]
+
+
+def test_a_thread_holding_its_lines_holds_no_other_threads_lines():
+    stream = Writes()
+    log = logging.getLogger("payfleet.test.held")
+    log.addHandler(logs.handler("worker", "json", stream))
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    other_wrote = threading.Event()
+    try:
+        with logs.lines_together():
+            log.info("held")
+
+            def write_other() -> None:
+                log.info("other")
+                other_wrote.set()
+
+            other = threading.Thread(target=write_other)
+            other.start()
+            other.join(5)
+            assert other_wrote.is_set() and [json.loads(w)["msg"] for w in stream.writes] == ["other"]
+    finally:
+        log.handlers.clear()
+        log.propagate = True
+    assert [json.loads(w)["msg"] for w in stream.writes] == ["other", "held"]
 
 
 def test_configure_leaves_a_root_logger_set_up_by_its_host_alone():

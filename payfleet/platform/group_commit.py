@@ -15,7 +15,8 @@ as they would without the group, and only a crowd forms batches.
 An `after` hook runs once per item after its caller has the result, in that
 caller's context (contextvars): work that need not delay the callers, such as
 a line per item, which the group's thread then writes for the whole batch
-while the callers go on, instead of the callers all writing at once. (A call
+while the callers go on, instead of the callers all writing at once; the
+lines a batch's hooks log go out in one write (logs.lines_together). (A call
 run in its caller's thread runs the hook there, before it returns.)
 """
 
@@ -28,6 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Generic, TypeVar
+
+from payfleet.platform import logs
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -138,5 +141,7 @@ class GroupCommit(Generic[T, R]):
                 self._done()
             for (_, future, _), result in answers:
                 future.set_result(result)
-            for (item, _, context), result in answers:
-                self._run_after(item, result, context)
+            # The batch's lines (what the hooks usually log) in one write.
+            with logs.lines_together():
+                for (item, _, context), result in answers:
+                    self._run_after(item, result, context)
