@@ -297,10 +297,43 @@ _EVENT_COLUMNS = (
     _EVENTS.c.payload,
 )
 _LOCK_EVENT = select(*_EVENT_COLUMNS).where(_EVENTS.c.id == bindparam("event_id")).with_for_update()
-# Sorted by id: two transactions given overlapping events lock them in one order.
-_LOCK_EVENTS = (
-    select(*_EVENT_COLUMNS).where(any_of(_EVENTS.c.id, "event_ids")).order_by(_EVENTS.c.id).with_for_update()
+# A batch's events and the Stripe payments they name, locked in one
+# statement and in the order two statements took them: the events sorted by
+# id (two transactions given overlapping events lock them in one order), all
+# of them before any payment, since the payments' lookup waits for the
+# aggregate of every locked event; then the payments sorted by id. Each
+# event row carries its payment's columns (NULL when none is found).
+_LOCK_EVENTS_AND_PAYMENTS = text("""WITH locked_events AS MATERIALIZED (
+    SELECT id, provider, event_type, status, provider_payment_id, payload
+    FROM provider_events WHERE id = ANY(CAST(:event_ids AS bigint[]))
+    ORDER BY id FOR UPDATE
+), intents AS (
+    SELECT array_agg(provider_payment_id) AS ids FROM locked_events
+    WHERE provider = 'stripe' AND status = 'received'
+), locked_payments AS MATERIALIZED (
+    SELECT payments.id, payments.order_id, payments.status, payments.provider_payment_id
+    FROM payments, intents
+    WHERE payments.provider = 'stripe' AND payments.provider_payment_id = ANY(intents.ids)
+    ORDER BY payments.id FOR UPDATE OF payments
 )
+SELECT locked_events.*, locked_payments.id AS payment_id,
+    locked_payments.order_id AS payment_order_id, locked_payments.status AS payment_status
+FROM locked_events LEFT JOIN locked_payments
+    ON locked_events.provider = 'stripe'
+    AND locked_payments.provider_payment_id = locked_events.provider_payment_id
+ORDER BY locked_events.id
+""")
+
+
+@dataclass(frozen=True)
+class _LockedPayment:
+    """A payment as the batch's statement returned it beside its event."""
+
+    id: uuid.UUID
+    order_id: uuid.UUID
+    status: str
+
+
 _SETTLE = (
     update(_EVENTS)
     .where(_EVENTS.c.id == bindparam("event_id"))
@@ -367,10 +400,10 @@ def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
     apply_event on its own. Each event is applied once either
     way: its verdict is written in the same transaction as its effects."""
     connection = session.connection()
-    locked = connection.execute(_LOCK_EVENTS, {"event_ids": sorted(set(event_ids))}).all()
+    locked = connection.execute(_LOCK_EVENTS_AND_PAYMENTS, {"event_ids": sorted(set(event_ids))}).all()
     settled: dict[int, str] = {}
     verdicts: dict[int, tuple[str, uuid.UUID | None]] = {}
-    stripe_events: list[tuple[Any, Target]] = []
+    stripe_events: list[tuple[Any, Target, _LockedPayment | None]] = []
     for event in locked:
         if event.status != "received":
             settled[event.id] = str(event.status)
@@ -382,15 +415,12 @@ def apply_events(session: Session, event_ids: Sequence[int]) -> dict[int, str]:
         if target is None:
             verdicts[event.id] = ("ignored", None)
         elif event.provider == "stripe" and event.provider_payment_id:
-            stripe_events.append((event, target))
-    intents = sorted({event.provider_payment_id for event, _ in stripe_events})
-    by_intent: dict[str, PaymentRow] = {}
-    if intents:
-        found = connection.execute(_STRIPE_PAYMENTS, {"intents": intents})
-        by_intent = {payment.provider_payment_id: payment for payment in found}
+            payment = None
+            if event.payment_id is not None:
+                payment = _LockedPayment(event.payment_id, event.payment_order_id, event.payment_status)
+            stripe_events.append((event, target, payment))
     changes, orders = [], set()
-    for event, target in stripe_events:
-        payment = by_intent.get(event.provider_payment_id)
+    for event, target, payment in stripe_events:
         if payment is None or payment.order_id in orders:
             continue
         orders.add(payment.order_id)
@@ -465,10 +495,6 @@ _PAYMENT = select(
 _PAYMENT_BY_PROVIDER_ID = _PAYMENT.where(
     _PAYMENTS.c.provider == bindparam("provider"), _PAYMENTS.c.provider_payment_id == bindparam("provider_id")
 )
-_STRIPE_PAYMENTS = _PAYMENT.where(
-    _PAYMENTS.c.provider == "stripe",
-    any_of(_PAYMENTS.c.provider_payment_id, "intents"),
-).order_by(_PAYMENTS.c.id)
 _PAYMENT_BY_ID = _PAYMENT.where(
     _PAYMENTS.c.provider == bindparam("provider"), _PAYMENTS.c.id == bindparam("id")
 )

@@ -249,3 +249,47 @@ def test_a_batch_locks_its_sales_products_in_sku_order_in_one_statement(client, 
     assert outcome == [{event_id: "processed"}], outcome
     assert scalar(sessions, "SELECT status FROM orders WHERE id = :o", o=order) == "paid"
     assert_stock_consistent(sessions)
+
+
+def test_a_batch_locks_all_its_events_before_any_of_their_payments(client, sessions):
+    """A batch locks its events and their payments in one statement, in the
+    order two statements took them: every event (by id), then the payments.
+    A lock this test holds on the batch's second event stops the batch in
+    that statement. While it waits there it must not hold the first event's
+    payment: a path that locks that payment, then wants the second event,
+    would wait on it, a cycle. (Locking each event's row and its payment's
+    together, row by row, fails this test.)"""
+    put_product(client, "LE-A", on_hand=10)
+    _, first_intent = place(client, ("LE-A", 1))
+    second_order, second_intent = place(client, ("LE-A", 1))
+    first, second = store_events(
+        client,
+        sessions,
+        [
+            intent_event("payment_intent.succeeded", first_intent),
+            intent_event("payment_intent.succeeded", second_intent),
+        ],
+    )
+    first_payment = scalar(
+        sessions,
+        "SELECT p.id FROM provider_events e JOIN payments p"
+        " ON p.provider_payment_id = e.provider_payment_id WHERE e.id = :e",
+        e=first,
+    )
+    assert first_payment is not None
+    with sessions() as blocker:
+        blocker.execute(text("SELECT 1 FROM provider_events WHERE id = :e FOR UPDATE"), {"e": second})
+        batch, outcome = in_thread(lambda: apply_as_the_worker(sessions, [first, second]))
+        eventually(lambda: waiting_on(sessions, "WITH locked_events") == 1, timeout=10)
+        with sessions() as probe:
+            # NOWAIT: raises at once if the waiting batch holds the payment.
+            probe.execute(
+                text("SELECT 1 FROM payments WHERE id = :p FOR UPDATE NOWAIT"), {"p": first_payment}
+            )
+            probe.rollback()
+        blocker.commit()
+        batch.join(timeout=30)
+        assert not batch.is_alive()
+    assert outcome == [{first: "processed", second: "processed"}], outcome
+    assert scalar(sessions, "SELECT status FROM orders WHERE id = :o", o=second_order) == "paid"
+    assert_stock_consistent(sessions)
