@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Table, bindparam, select, text
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from domain import carts, payments, stock
-from domain.bulk import BulkInsert, Write, any_of, write_together
+from domain.bulk import BulkInsert, Write, write_together
 from domain.errors import Conflict, InvalidRequest, NotFound, UnknownSku
 from domain.models import Order, OrderLine, OrderTransition, Payment, Product
 
@@ -141,13 +141,26 @@ _ORDERS = cast(Table, Order.__table__)
 _PAYMENTS = cast(Table, Payment.__table__)
 _TRANSITIONS = cast(Table, OrderTransition.__table__)
 _LINES = cast(Table, OrderLine.__table__)
-# Sorted by id: two transactions moving overlapping orders lock them in one order.
-_LOCK_ORDERS = (
-    select(_ORDERS.c.id, _ORDERS.c.status)
-    .where(any_of(_ORDERS.c.id, "order_ids"))
-    .order_by(_ORDERS.c.id)
-    .with_for_update()
+# The orders locked sorted by id (two transactions moving overlapping orders
+# lock them in one order) and, of those a success pays while
+# they still await payment, the active reservations consumed (their units
+# leave the shelf with stock.sell_reserved): one statement for what took
+# two. The reservations' UPDATE reads the aggregate of every locked order,
+# so no reservation is touched before every order is locked, the order two
+# statements kept. The rows are the orders' statuses (sku NULL), then the
+# consumed lines.
+_LOCK_ORDERS_CONSUMING = text("""WITH locked_orders AS MATERIALIZED (
+    SELECT id, status FROM orders WHERE id = ANY(CAST(:order_ids AS uuid[])) ORDER BY id FOR UPDATE
+), paying AS (
+    SELECT array_agg(id) AS ids FROM locked_orders
+    WHERE id = ANY(CAST(:succeeding AS uuid[])) AND status = ANY(CAST(:awaiting AS text[]))
+), consumed AS (
+    UPDATE stock_reservations SET status = 'consumed', closed_at = now() FROM paying
+    WHERE stock_reservations.order_id = ANY(paying.ids) AND stock_reservations.status = 'active'
+    RETURNING stock_reservations.order_id, stock_reservations.sku, stock_reservations.quantity
 )
+SELECT id AS order_id, status, NULL::text AS sku, NULL::integer AS quantity FROM locked_orders
+UNION ALL SELECT order_id, NULL, sku, quantity FROM consumed""")
 
 
 class _SetStatuses:
@@ -272,14 +285,17 @@ def plan_payment_changes(
     connection = session.connection()
     order_ids = sorted({change.payment.order_id for change, _ in planned})
     assert len(order_ids) == len(planned), "one change per order"
-    was = {row.id: row.status for row in connection.execute(_LOCK_ORDERS, {"order_ids": order_ids})}
     # Only `succeeded` consumes, and it is always a path's first step.
-    paying = [
-        c.payment.order_id
-        for c, steps in planned
-        if steps[0] == "succeeded" and was[c.payment.order_id] in _AWAITING_PAYMENT
-    ]
-    consumed = stock.consume_reservations(session, paying)
+    succeeding = [c.payment.order_id for c, steps in planned if steps[0] == "succeeded"]
+    was: dict[uuid.UUID, str] = {}
+    consumed: dict[uuid.UUID, list[stock.Line]] = {}
+    params = {"order_ids": order_ids, "succeeding": succeeding, "awaiting": sorted(_AWAITING_PAYMENT)}
+    for row in connection.execute(_LOCK_ORDERS_CONSUMING, params):
+        if row.sku is None:
+            was[row.order_id] = row.status
+        else:
+            consumed.setdefault(row.order_id, []).append((row.sku, row.quantity))
+    consumed = {order_id: sorted(lines) for order_id, lines in consumed.items()}
     declined = []
     if batched:
         declined = [

@@ -121,13 +121,6 @@ def _give_back(session: Session, units: Counter[str]) -> None:
         _warn_low(row)
 
 
-def consume_reservations(session: Session, order_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[Line]]:
-    """Close the orders' active reservations for a sale (once: a second call
-    finds none); the units leave the shelf with `sell_reserved`. Returns each
-    order's consumed lines, sorted."""
-    return _close_reservations(session, order_ids, "consumed")
-
-
 def sell_reserved(session: Session, sold: Iterable[tuple[str, str, int]]) -> list[Write]:
     """Consumed reservations, as (reference, sku, quantity), become sales:
     on_hand and reserved both drop now, one statement locking the product

@@ -293,3 +293,41 @@ def test_a_batch_locks_all_its_events_before_any_of_their_payments(client, sessi
     assert outcome == [{first: "processed", second: "processed"}], outcome
     assert scalar(sessions, "SELECT status FROM orders WHERE id = :o", o=second_order) == "paid"
     assert_stock_consistent(sessions)
+
+
+def test_a_batch_locks_all_its_orders_before_it_consumes_any_reservation(client, sessions):
+    """A batch locks its orders and consumes the paid ones' reservations in
+    one statement, in the order two statements took them: every order (by
+    id), then the reservations. A lock this test holds on the later order
+    stops the batch in that statement; while it waits there, the earlier
+    order's reservation must not be held. (A statement that consumes the
+    reservations before every order is locked fails this test.)"""
+    put_product(client, "LR-A", on_hand=10)
+    placed = [place(client, ("LR-A", 1)) for _ in range(2)]
+    (early, early_intent), (late, late_intent) = sorted(placed, key=lambda pair: uuid.UUID(pair[0]))
+    events = store_events(
+        client,
+        sessions,
+        [
+            intent_event("payment_intent.succeeded", early_intent),
+            intent_event("payment_intent.succeeded", late_intent),
+        ],
+    )
+    with sessions() as blocker:
+        blocker.execute(text("SELECT 1 FROM orders WHERE id = :o FOR UPDATE"), {"o": late})
+        batch, outcome = in_thread(lambda: apply_as_the_worker(sessions, events))
+        eventually(lambda: waiting_on(sessions, "WITH locked_orders") == 1, timeout=10)
+        with sessions() as probe:
+            # NOWAIT: raises at once if the waiting batch holds the reservation.
+            held = "SELECT 1 FROM stock_reservations WHERE order_id = :o FOR UPDATE NOWAIT"
+            assert probe.execute(text(held), {"o": early}).all() == [(1,)]
+            probe.rollback()
+        blocker.commit()
+        batch.join(timeout=30)
+        assert not batch.is_alive()
+    assert outcome == [dict.fromkeys(events, "processed")], outcome
+    for order in (early, late):
+        assert scalar(sessions, "SELECT status FROM orders WHERE id = :o", o=order) == "paid"
+    consumed = "SELECT count(*) FROM stock_reservations WHERE status = 'consumed' AND order_id IN (:a, :b)"
+    assert scalar(sessions, consumed, a=early, b=late) == 2
+    assert_stock_consistent(sessions)
