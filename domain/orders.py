@@ -142,11 +142,11 @@ _PAYMENTS = cast(Table, Payment.__table__)
 _TRANSITIONS = cast(Table, OrderTransition.__table__)
 _LINES = cast(Table, OrderLine.__table__)
 # The orders locked sorted by id (two transactions moving overlapping orders
-# lock them in one order) and, of those a success pays while
-# they still await payment, the active reservations consumed (their units
-# leave the shelf with stock.sell_reserved): one statement for what took
-# two. The reservations' UPDATE reads the aggregate of every locked order,
-# so no reservation is touched before every order is locked, the order two
+# lock them in one order) and, of those a success pays while they still
+# await payment, the active reservations consumed (their units leave the
+# shelf with stock.sell_reserved): one statement for what took two. The
+# reservations' UPDATE reads the aggregate of every locked order, so no
+# reservation is touched before every order is locked, the order the two
 # statements kept. The rows are the orders' statuses (sku NULL), then the
 # consumed lines.
 _LOCK_ORDERS_CONSUMING = text("""WITH locked_orders AS MATERIALIZED (
