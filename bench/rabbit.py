@@ -15,6 +15,7 @@ import pika
 import requests
 
 from bench.fleet import AMQP_PASSWORD, AMQP_USER, MANAGEMENT_URL
+from bench.procs import wait_until
 
 # The reference worker of the apply scenario (bench/noop_worker.py).
 NOOP_QUEUE = "bench_noop"
@@ -23,6 +24,23 @@ NOOP_ACTOR = "noop"
 
 def _connection(url: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(pika.URLParameters(url))
+
+
+def wait_drained(url: str, queue: str, timeout: float, interval: float = 0.01) -> None:
+    """Until `queue` holds no ready message, asked every `interval` s on one
+    connection. A passive declare on an open channel is one round trip; a
+    new connection for each look (`depth`) costs a handshake, and with it
+    the end of a drain lasting half a second was known only to ±50 ms."""
+    connection = _connection(url)
+    try:
+        channel = connection.channel()
+
+        def drained() -> bool:
+            return int(channel.queue_declare(queue, passive=True).method.message_count) == 0
+
+        wait_until(drained, timeout, interval, f"{queue} drained")
+    finally:
+        connection.close()
 
 
 def dramatiq_queue_arguments(queue: str) -> dict[str, Any]:
