@@ -174,3 +174,12 @@ def _healthy(base: str) -> bool:
         return requests.get(f"{base}/healthz", timeout=10).status_code == 200
     except (requests.ConnectionError, requests.Timeout):
         return False
+
+
+def test_a_worker_process_collects_garbage_again_once_its_modules_are_in(env):
+    """workers.main turns the garbage collector off for its imports (they
+    take an eighth less time without it); a worker process must not run
+    without one."""
+    code = "import gc, workers.main; print(gc.isenabled(), gc.get_freeze_count() > 10_000)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True", "True"], done.stderr[-2000:]
