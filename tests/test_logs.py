@@ -90,25 +90,31 @@ class Writes(io.StringIO):
         return super().write(text)
 
 
-def test_lines_logged_together_go_out_in_one_write_at_the_end_each_with_its_own_context():
+@pytest.fixture
+def held_log() -> Iterator[tuple[logging.Logger, Writes]]:
+    """A logger of its own writing JSON through a payfleet handler into a
+    stream that keeps each write apart."""
     stream = Writes()
-    log = logging.getLogger("payfleet.test.together")
+    log = logging.getLogger("payfleet.test.held")
     log.addHandler(logs.handler("worker", "json", stream))
     log.propagate = False
     log.setLevel(logging.INFO)
-    try:
-        log.info("before")
-        with logs.lines_together():
-            for event_id in (1, 2, 3):
-                with logs.log_context(event_id=event_id, trace_id=f"tr_{event_id}"):
-                    log.info("event %s: processed", event_id)
-            with logs.lines_together():  # nested: still the outer block's one write
-                log.warning("nested")
-            assert len(stream.writes) == 1, "a held line was written before the block's end"
-        log.info("after")
-    finally:
-        log.handlers.clear()
-        log.propagate = True
+    yield log, stream
+    log.handlers.clear()
+    log.propagate = True
+
+
+def test_lines_logged_together_go_out_in_one_write_at_the_end_each_with_its_own_context(held_log):
+    log, stream = held_log
+    log.info("before")
+    with logs.lines_together():
+        for event_id in (1, 2, 3):
+            with logs.log_context(event_id=event_id, trace_id=f"tr_{event_id}"):
+                log.info("event %s: processed", event_id)
+        with logs.lines_together():  # nested: still the outer block's one write
+            log.warning("nested")
+        assert len(stream.writes) == 1, "a held line was written before the block's end"
+    log.info("after")
     before, together, after = stream.writes
     assert json.loads(before)["msg"] == "before" and json.loads(after)["msg"] == "after"
     lines = [json.loads(line) for line in together.splitlines()]
@@ -120,28 +126,20 @@ def test_lines_logged_together_go_out_in_one_write_at_the_end_each_with_its_own_
     ]
 
 
-def test_a_thread_holding_its_lines_holds_no_other_threads_lines():
-    stream = Writes()
-    log = logging.getLogger("payfleet.test.held")
-    log.addHandler(logs.handler("worker", "json", stream))
-    log.propagate = False
-    log.setLevel(logging.INFO)
+def test_a_thread_holding_its_lines_holds_no_other_threads_lines(held_log):
+    log, stream = held_log
     other_wrote = threading.Event()
-    try:
-        with logs.lines_together():
-            log.info("held")
 
-            def write_other() -> None:
-                log.info("other")
-                other_wrote.set()
+    def write_other() -> None:
+        log.info("other")
+        other_wrote.set()
 
-            other = threading.Thread(target=write_other)
-            other.start()
-            other.join(5)
-            assert other_wrote.is_set() and [json.loads(w)["msg"] for w in stream.writes] == ["other"]
-    finally:
-        log.handlers.clear()
-        log.propagate = True
+    with logs.lines_together():
+        log.info("held")
+        other = threading.Thread(target=write_other)
+        other.start()
+        other.join(5)
+        assert other_wrote.is_set() and [json.loads(w)["msg"] for w in stream.writes] == ["other"]
     assert [json.loads(w)["msg"] for w in stream.writes] == ["other", "held"]
 
 
